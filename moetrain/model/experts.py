@@ -1,0 +1,51 @@
+"""Routed experts: E SwiGLU FFNs run over tokens already sorted by expert.
+
+The grouped matmul is one method, :meth:`GroupedExperts.grouped_mm`, so an FP8 provider can override it (or swap
+the module) and use the dispatcher's per-expert counts as its ``m_splits``.
+
+Shapes: N routed token copies (sorted by expert), E experts, D model dim, F expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# torch._grouped_mm wants 16-byte aligned row strides and fp32/bf16/fp16 operands.
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GROUPED_MM_ALIGN_BYTES = 16
+
+
+def grouped_mm_supported(x_ND: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    if x_ND.dtype not in _GROUPED_MM_DTYPES or w_EOI.dtype != x_ND.dtype or not hasattr(torch, "_grouped_mm"):
+        return False
+    return all((n * x_ND.element_size()) % _GROUPED_MM_ALIGN_BYTES == 0 for n in w_EOI.shape[1:])
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, use_grouped_mm: bool = True):
+        super().__init__()
+        self.n_experts, self.use_grouped_mm = n_experts, use_grouped_mm
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate, per expert [F, D] like nn.Linear
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_ND holds counts_E[0] tokens of expert 0, then counts_E[1] of expert 1, ...; returns y_ND likewise."""
+        h_NF = F.silu(self.grouped_mm(x_ND, self.w1, counts_E)) * self.grouped_mm(x_ND, self.w3, counts_E)
+        return self.grouped_mm(h_NF, self.w2, counts_E)
+
+    def grouped_mm(self, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Per expert e: rows of x_NI belonging to e times w_EOI[e]^T. The seam FP8 providers override."""
+        w_EOI = w_EOI.to(x_NI.dtype)
+        if self.use_grouped_mm and grouped_mm_supported(x_NI, w_EOI):
+            offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+            return torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs)
+        return expert_loop_mm(x_NI, w_EOI, counts_E)
+
+
+def expert_loop_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Reference path: one matmul per expert (any dtype/device)."""
+    outs = [x @ w_EOI[e].T for e, x in enumerate(x_NI.split(counts_E.tolist(), dim=0))]
+    return torch.cat(outs, dim=0) if outs else x_NI.new_empty(0, w_EOI.shape[1])

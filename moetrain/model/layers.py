@@ -1,0 +1,35 @@
+"""Small building blocks: RMSNorm and the SwiGLU feed-forward network.
+
+Shapes: B batch, T tokens per sequence, D model dim, F FFN width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, cast back to the input dtype before the weight (as DeepSeek and HF do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN ``w2(silu(w1 x) * w3 x)``: the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))

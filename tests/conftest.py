@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from moetrain.model import MLAConfig, ModelConfig, MoEConfig, RouterConfig, build_model, init_weights  # noqa: E402
+
+
+def small_config(**router) -> ModelConfig:
+    """A 2-layer model small enough for float64 checks: 8 experts in 4 groups, MTP depth 1."""
+    r = dict(topk=2, n_group=4, topk_group=2)
+    r.update(router)
+    return ModelConfig(
+        vocab_size=64, dim=32, inter_dim=48, n_layers=2, n_mtp_layers=1, max_seq_len=64, init_std=0.05,
+        attn=MLAConfig(n_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                       v_head_dim=8),
+        moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, moe_inter_dim=16, first_k_dense_replace=1,
+                      router=RouterConfig(**r)),
+    )
+
+
+def make_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32):
+    model = build_model(cfg, "meta").to_empty(device="cpu")
+    init_weights(model, seed)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+@pytest.fixture
+def torch_seed():
+    torch.manual_seed(0)
