@@ -41,8 +41,16 @@ class GroupedExperts(nn.Module):
         w_EOI = w_EOI.to(x_NI.dtype)
         if self.use_grouped_mm and grouped_mm_supported(x_NI, w_EOI):
             offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-            return torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs)
+            if x_NI.dtype == torch.bfloat16:
+                return torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs)
+            return _grouped_mm_eager(x_NI, w_EOI.transpose(-2, -1), offs)
         return expert_loop_mm(x_NI, w_EOI, counts_E)
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # NOTE: eager kernels take fp32 (CPU), but the compiler's shape rules accept only bf16; keep fp32 out of graphs.
+    return torch._grouped_mm(x_NI, w_EIO, offs=offs)
 
 
 def expert_loop_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Rotary position embedding of MLA's decoupled part, with YaRN context extension.
 
 DeepSeek lays rotary dims out as interleaved pairs (x0, x1), (x2, x3), ... each rotated by one frequency; we keep
-that layout and rotate by complex multiplication. Hugging Face's ``rope_interleave=True`` path is the same rotation
+that layout and rotate each pair by (cos, sin), in real arithmetic so that torch.compile can fuse it. Hugging Face's ``rope_interleave=True`` path is the same rotation
 written with its outputs de-interleaved, which leaves every q.k dot product unchanged.
 """
 
@@ -56,22 +56,21 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 def precompute_freqs_cis(cfg: ModelConfig) -> torch.Tensor:
-    """Complex rotations [max_seq_len, qk_rope_head_dim // 2] (complex64), magnitude = YaRN attention factor."""
+    """Rotations [max_seq_len, qk_rope_head_dim // 2, 2] as (cos, sin), scaled by YaRN's attention factor."""
     rope_dim = cfg.attn.qk_rope_head_dim
     if cfg.rope.scaling == "yarn":
         inv_freq = _yarn_inv_freq(cfg.rope, rope_dim)
     else:
         inv_freq = 1.0 / (cfg.rope.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
     angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
-    magnitude = torch.full_like(angles, rope_attention_factor(cfg.rope))
-    return torch.polar(magnitude, angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1) * rope_attention_factor(cfg.rope)
 
 
 def apply_rope(x_BTHR: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim. freqs_cis: [T, R/2] or [B, T, R/2] (per-document positions)."""
-    x = torch.view_as_complex(x_BTHR.float().unflatten(-1, (-1, 2)))
-    if freqs_cis.dim() == 2:
-        freqs = freqs_cis[None, :, None, :]
-    else:
-        freqs = freqs_cis[:, :, None, :]
-    return torch.view_as_real(x * freqs).flatten(-2).to(x_BTHR.dtype)
+    """Rotate interleaved pairs of the last dim. freqs_cis: [T, R/2, 2] or [B, T, R/2, 2] (per-document positions)."""
+    freqs = freqs_cis[None, :, None] if freqs_cis.dim() == 3 else freqs_cis[:, :, None]
+    cos, sin = freqs.unbind(-1)
+    x = x_BTHR.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = x.unbind(-1)
+    rotated = torch.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], dim=-1)
+    return rotated.flatten(-2).to(x_BTHR.dtype)
