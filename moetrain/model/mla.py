@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.model.config import ModelConfig
 from moetrain.model.layers import RMSNorm
@@ -37,16 +38,27 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, cfg.dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)
+        # Selective recomputation (set from outside): keep only the latents, redo up-projections and attention.
+        self.recompute_up_proj = False
 
     def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """attn_mask: None for plain causal attention, else bool [B, 1, T, T] (True = attend), e.g. per document."""
-        B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x_BTD)))
-        q_BTHK = q.view(B, T, self.n_heads, self.qk_head_dim)
-        q_nope, q_pe = q_BTHK.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, freqs_cis)
-
+        # Down-projections to the latents; everything after them is cheap to recompute from the latents.
+        q_in = x_BTD if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x_BTD))
         kv_c, k_pe = self.wkv_a(x_BTD).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        if self.recompute_up_proj and torch.is_grad_enabled():
+            o = checkpoint(self._attend, q_in, kv_c, k_pe, freqs_cis, attn_mask, use_reentrant=False)
+        else:
+            o = self._attend(q_in, kv_c, k_pe, freqs_cis, attn_mask)
+        return self.wo(o)
+
+    def _attend(self, q_in, kv_c, k_pe, freqs_cis, attn_mask) -> torch.Tensor:
+        """Up-projections, RoPE and the attention core; returns [B, T, H * V]."""
+        B, T, _ = kv_c.shape
+        q = self.wq(q_in) if self.q_lora_rank == 0 else self.wq_b(q_in)
+        q_nope, q_pe = q.view(B, T, self.n_heads, self.qk_head_dim).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, freqs_cis)
         k_pe_BT1R = apply_rope(k_pe.unsqueeze(2), freqs_cis)
         kv = self.wkv_b(self.kv_norm(kv_c)).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v_BTHV = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -57,7 +69,7 @@ class MLA(nn.Module):
         o_BHTV = F.scaled_dot_product_attention(
             q_BHTK, k_BHTK, v_BTHV.transpose(1, 2),
             attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale)
-        return self.wo(o_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))
+        return o_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)
 
 
 def document_causal_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:

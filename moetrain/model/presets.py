@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-
 from omegaconf import OmegaConf
 
 from moetrain.model.config import ModelConfig
-
-
-def conf_dir():
-    """The shipped Hydra config tree: ``moetrain.conf`` in a wheel, the checkout's ``conf/`` in an editable install.
-
-    NOTE: setuptools' editable finder does not follow the ``moetrain.conf -> conf`` package-dir mapping.
-    """
-    try:
-        return resources.files("moetrain.conf")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "conf"
+from moetrain.resources import conf_dir
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in (conf_dir() / "model").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
 
 
 def load_preset(name: str) -> ModelConfig:

@@ -34,7 +34,8 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``topk_idx_TK`` (int64), ``topk_weight_TK`` (fp32) and ``scores_TE`` (fp32)."""
         cfg = self.cfg
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # the gate stays fp32 under mixed precision
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = logits_TE.sigmoid() if cfg.scoring_func == "sigmoid" else logits_TE.softmax(dim=-1)
         choice_TE = scores_TE + self.expert_bias if cfg.selection_bias else scores_TE
         if cfg.n_group > 1:
@@ -44,7 +45,8 @@ class Router(nn.Module):
         if cfg.norm_topk_prob:
             topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight_TK = topk_weight_TK * cfg.routed_scaling_factor
-        if self.training:
+        # NOTE: under activation recomputation this forward runs again inside backward; count only once.
+        if self.training and torch._C._current_graph_task_id() == -1:
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_routed_experts)
         return topk_idx_TK, topk_weight_TK, scores_TE

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moetrain.model.config import ModelConfig
 from moetrain.model.layers import MLP, RMSNorm
@@ -35,8 +36,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         is_dense = layer_id < cfg.moe.first_k_dense_replace
         self.ffn = MLP(cfg.dim, cfg.inter_dim) if is_dense else MoE(cfg)
+        self.recompute = False  # full recomputation (set from outside): keep only the block's input
 
     def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor, attn_mask: torch.Tensor | None = None):
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_BTD, freqs_cis, attn_mask, use_reentrant=False)
+        return self._forward(x_BTD, freqs_cis, attn_mask)
+
+    def _forward(self, x_BTD, freqs_cis, attn_mask):
         h = x_BTD + self.attn(self.attn_norm(x_BTD), freqs_cis, attn_mask)
         return h + self.ffn(self.ffn_norm(h))
 
@@ -76,6 +83,10 @@ class LMOutput:
         if self.mtp_loss_sums:
             total = total + mtp_lambda / len(self.mtp_loss_sums) * torch.stack(self.mtp_loss_sums).sum()
         return total / n_global_tokens
+
+
+# A pytree node, so that wrappers (FSDP2, torch.compile) see the tensors inside the output.
+torch.utils._pytree.register_dataclass(LMOutput)
 
 
 class Transformer(nn.Module):

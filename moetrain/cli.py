@@ -1,0 +1,31 @@
+"""The ``moetrain`` command: ``moetrain train [hydra overrides]``."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: moetrain <command> [args]
+
+commands:
+  train [overrides]   train a model (Hydra overrides, e.g. model=tiny train.steps=100); --help for the config
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from moetrain import train
+
+        sys.argv = [sys.argv[0] + " train", *rest]  # Hydra reads its overrides from sys.argv
+        train.main()
+        return 0
+    print(f"moetrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The job config: one dataclass per Hydra group, registered in the ConfigStore, validated at composition.
+
+Hydra merges ``conf/config.yaml`` and the chosen group files onto :class:`JobConfig`, so an unknown key or a
+value of the wrong type fails before anything starts; :func:`to_job_config` then checks values per group and
+raises :class:`ConfigError` naming the override to change.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moetrain.model.config import ConfigError, ModelConfig, _require
+
+
+@dataclass
+class RunConfig:
+    # Fixed once per job: every torchrun/Slurm rank resolves the same id (see _job_id), so ranks never disagree.
+    dir: str = "runs/${mt.job_id:}"
+    name: str = "moetrain"
+
+
+@dataclass
+class DataConfig:
+    kind: str = "demo"  # demo (shipped English text, byte tokens) | synthetic (random tokens)
+    seed: int = 1234
+    val_fraction: float = 0.01  # share of samples held out for validation
+    demo_bytes: int = 2_000_000  # size of the demo corpus
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(self.kind in ("demo", "synthetic"), f"{prefix}.kind", f"must be demo or synthetic, got {self.kind!r}")
+        _require(0 <= self.val_fraction < 0.5, f"{prefix}.val_fraction", "must be in [0, 0.5)")
+        _require(self.demo_bytes >= 10_000, f"{prefix}.demo_bytes", "must be at least 10000")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # data-parallel ranks; -1 = world size / pp
+    pp: int = 1
+    ep: int = 1
+    dp_strategy: str = "fsdp"  # fsdp (FSDP2's fully_shard); DeepSpeed ZeRO comes with the data-parallel issue
+
+    def validate(self, world_size: int, prefix: str = "parallel") -> None:
+        _require(self.pp >= 1, f"{prefix}.pp", "must be >= 1")
+        _require(self.ep >= 1, f"{prefix}.ep", "must be >= 1")
+        _require(self.pp == 1, f"{prefix}.pp", "pipeline parallelism is not available in this version; set parallel.pp=1")
+        _require(self.ep == 1, f"{prefix}.ep", "expert parallelism is not available in this version; set parallel.ep=1")
+        _require(self.dp_strategy == "fsdp", f"{prefix}.dp_strategy", f"must be fsdp, got {self.dp_strategy!r}")
+        _require(self.dp == -1 or self.dp * self.pp == world_size, f"{prefix}.dp",
+                 f"dp * pp = {self.dp} * {self.pp} must equal the world size {world_size} (or set dp=-1)")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.pp if self.dp == -1 else self.dp
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: the compute dtype; master weights stay fp32
+
+    def validate(self, prefix: str = "precision") -> None:
+        _require(self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only; norms, biases and embeddings-free vectors are not decayed
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine: warmup, cosine to min_lr | v3: warmup, constant, cosine, constant
+    warmup_steps: int = 100
+    decay_start: float = 0.0  # v3: fraction of train.steps where the cosine decay starts (V3: 10T / 14.8T)
+    decay_end: float = 1.0  # v3: fraction where it reaches min_lr, which then holds (V3: 14.3T / 14.8T)
+    final_lr: Optional[float] = None  # v3: constant lr of the last phase (V3: 7.3e-6 for the last 167B tokens)
+    final_start: float = 1.0  # v3: fraction where final_lr starts
+
+    def validate(self, prefix: str = "optim") -> None:
+        _require(self.lr > 0, f"{prefix}.lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, optim.lr]")
+        _require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.schedule in ("cosine", "v3"), f"{prefix}.schedule", f"must be cosine or v3, got {self.schedule!r}")
+        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        _require(0 <= self.decay_start <= self.decay_end <= 1, f"{prefix}.decay_start",
+                 "need 0 <= decay_start <= decay_end <= 1")
+        _require(self.decay_end <= self.final_start <= 1, f"{prefix}.final_start", "need decay_end <= final_start <= 1")
+        _require(self.final_lr is None or self.final_lr >= 0, f"{prefix}.final_lr", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    stop_at: int = -1  # end after this step (as a preemption would); schedules still follow train.steps
+    seed: int = 0
+    seq_len: int = 256
+    global_batch_size: int = 32  # sequences per optimizer step (at the end of the ramp)
+    micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
+    grad_accum_steps: int = "${mt.div_exact:${train.global_batch_size},${mt.mul:${train.micro_batch_size},${mt.dp:}}}"  # type: ignore[assignment]
+    # Batch-size ramp (V3: 3072 -> 15360 sequences over the first 469B tokens); 0 disables it.
+    batch_ramp_start: int = 0
+    batch_ramp_tokens: int = 0
+    # Aux-loss-free balancing speed gamma (V3: 0.001), set to 0 from this fraction of train.steps on (V3: 0.966).
+    bias_update_speed: float = 0.001
+    bias_update_stop: float = 1.0
+    # MTP loss weight lambda (V3: 0.3, then 0.1 from 10T of 14.8T tokens = 0.676).
+    mtp_lambda: float = 0.3
+    mtp_lambda_final: float = 0.1
+    mtp_lambda_switch: float = 1.0
+    recompute: str = "none"  # none | selective (norms, MLA up-projections + attention) | full (each block)
+    compile: bool = False  # torch.compile each block
+    val_interval: int = 0  # steps between validation passes; 0 = never
+    val_batches: int = 4
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self, model: ModelConfig, dp: int, prefix: str = "train") -> None:
+        _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        _require(self.seq_len >= 2, f"{prefix}.seq_len", "must be >= 2")
+        _require(self.seq_len <= model.max_seq_len, f"{prefix}.seq_len",
+                 f"{self.seq_len} exceeds the model's maximum model.max_seq_len={model.max_seq_len}")
+        _require(self.micro_batch_size >= 1, f"{prefix}.micro_batch_size", "must be >= 1")
+        unit = self.micro_batch_size * dp
+        _require(self.global_batch_size % unit == 0, f"{prefix}.global_batch_size",
+                 f"{self.global_batch_size} is not divisible by micro_batch_size * dp = {unit}")
+        if self.batch_ramp_start:
+            _require(0 < self.batch_ramp_start <= self.global_batch_size and self.batch_ramp_start % unit == 0,
+                     f"{prefix}.batch_ramp_start", f"must be in (0, global_batch_size] and divisible by {unit}")
+            _require(self.batch_ramp_tokens > 0, f"{prefix}.batch_ramp_tokens", "must be > 0 with a ramp")
+        _require(self.recompute in ("none", "selective", "full"), f"{prefix}.recompute",
+                 f"must be none, selective or full, got {self.recompute!r}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"{prefix}.device", "must be auto, cpu or cuda")
+        _require(self.bias_update_speed >= 0, f"{prefix}.bias_update_speed", "must be >= 0")
+        _require(self.mtp_lambda >= 0 and self.mtp_lambda_final >= 0, f"{prefix}.mtp_lambda", "must be >= 0")
+        _require(self.val_interval >= 0, f"{prefix}.val_interval", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run.dir}/checkpoints"
+    interval: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | a checkpoint path
+    init_from_hf: Optional[str] = None
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _require(self.interval >= 0, f"{prefix}.interval", "must be >= 0")
+        _require(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "moetrain"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    mode: str = "online"  # online | offline | disabled
+
+    def validate(self, prefix: str = "logging.wandb") -> None:
+        _require(self.mode in ("online", "offline", "disabled"), f"{prefix}.mode", "must be online, offline or disabled")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    console: bool = True
+    jsonl: bool = True
+    peak_tflops: Optional[float] = None  # per device; None = look the GPU up in moetrain.plan.PEAK_TFLOPS
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, prefix: str = "logging") -> None:
+        _require(self.interval >= 1, f"{prefix}.interval", "must be >= 1")
+        self.wandb.validate(f"{prefix}.wandb")
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int = 1) -> "JobConfig":
+        self.model.validate("model")
+        self.data.validate()
+        self.parallel.validate(world_size)
+        self.precision.validate()
+        self.optim.validate()
+        self.train.validate(self.model, self.parallel.data_parallel_size(world_size))
+        self.checkpoint.validate()
+        self.logging.validate()
+        return self
+
+
+# --------------------------------------------------------------------------------------------- resolvers
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@functools.lru_cache(maxsize=None)
+def _job_id() -> str:
+    """One id per job, equal on every rank: Slurm's job id, torchrun's run id, else a timestamp (one process)."""
+    for var in ("MOETRAIN_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(var)
+        if value and value != "none":
+            return value
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _div_exact(a: int, b: int) -> int:
+    if b <= 0 or a % b:
+        raise ConfigError("train.global_batch_size",
+                          f"{a} is not divisible by micro_batch_size * data-parallel size = {b}")
+    return a // b
+
+
+def _dp_from_root(*, _root_: DictConfig) -> int:
+    return ParallelConfig(dp=_root_.parallel.dp, pp=_root_.parallel.pp).data_parallel_size(world_size())
+
+
+def register_resolvers() -> None:
+    for name, fn in (("mt.job_id", _job_id), ("mt.div_exact", _div_exact), ("mt.mul", lambda a, b: a * b),
+                     ("mt.dp", _dp_from_root)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "mt.job_id")
+
+
+def register_configs() -> None:
+    """Register the schema so that conf/config.yaml's defaults list starts from it (``- job_schema``)."""
+    register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+
+
+def to_job_config(cfg: DictConfig | dict[str, Any]) -> JobConfig:
+    """Resolve and validate a composed config; errors name the key."""
+    register_resolvers()
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+    OmegaConf.resolve(cfg)
+    job: JobConfig = OmegaConf.to_object(cfg)
+    return job.validate(world_size())
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/config.yaml with overrides, as ``moetrain train`` does (for tests and tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from moetrain.resources import conf_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))

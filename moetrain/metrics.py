@@ -1,0 +1,98 @@
+"""Training metrics and their sinks: a console line with progress and ETA, JSONL, and wandb (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moetrain.config import LoggingConfig
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+class MetricsLogger:
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, total_steps: int, enabled: bool, job_config: dict):
+        self.cfg, self.total_steps, self.enabled = cfg, total_steps, enabled
+        self.start, self.start_step = time.perf_counter(), 0
+        self._jsonl = None
+        self._wandb = None
+        if not enabled:
+            return
+        if cfg.jsonl:
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
+                                     mode=cfg.wandb.mode, dir=str(run_dir), config=job_config)
+
+    def begin(self, step: int) -> None:
+        """Start the ETA clock at ``step`` (0, or the step a run resumes from)."""
+        self.start, self.start_step = time.perf_counter(), step
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if self._jsonl:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=step)
+        if self.cfg.console:
+            print(self._console_line(step, record), file=sys.stdout, flush=True)
+
+    def _console_line(self, step: int, r: dict) -> str:
+        done = step / self.total_steps
+        bar = ("=" * int(20 * done)).ljust(20)
+        elapsed = time.perf_counter() - self.start
+        per_step = elapsed / max(step - self.start_step, 1)
+        eta = _hms(per_step * (self.total_steps - step))
+        parts = [f"step {step}/{self.total_steps} [{bar}] {100 * done:3.0f}%", f"loss {r['loss']:.4f}"]
+        if "val_loss" in r:
+            parts.append(f"val {r['val_loss']:.4f}")
+        parts += [f"lm {r['lm_loss']:.4f}", f"mtp {r['mtp_loss']:.4f}", f"bal {r['balance_loss']:.2e}",
+                  f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s"]
+        if r.get("mfu") is not None:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        parts += [f"maxvio {r['max_violation']:.3f}", f"mem {r['memory_gb']:.2f}GB", f"eta {eta}"]
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.tolist() if v.numel() > 1 else v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def log_text(run_dir: Path, line: str, enabled: bool) -> None:
+    """A plain log line on the console and in run_dir/train.log (rank 0 only)."""
+    if not enabled:
+        return
+    print(line, flush=True)
+    with open(Path(run_dir) / "train.log", "a") as f:
+        f.write(line + os.linesep)

@@ -1,0 +1,55 @@
+"""Parameter and FLOP counts of a model config, and the peak-FLOPs table MFU is measured against.
+
+Training FLOPs per token (the convention of the PaLM / Megatron MFU papers, adapted to MLA and MoE):
+``6 * N_active + 3 * (attention score and value FLOPs)``, where N_active counts the matmul weights one token
+passes through (attention projections, the dense FFN or the router, the shared and top-k routed experts, the
+output head, and the MTP modules; not the embedding lookup), and causal attention costs per layer and token
+``2 * H * (T / 2) * (qk_head_dim + v_head_dim)`` forward.
+"""
+
+from __future__ import annotations
+
+from moetrain.model.config import ModelConfig
+
+# Dense bf16 peak TFLOP/s per device (datasheet, without sparsity); matched as a substring of the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0,
+               "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    a, D = cfg.attn, cfg.dim
+    q = D * a.n_heads * a.qk_head_dim if a.q_lora_rank == 0 else D * a.q_lora_rank + a.q_lora_rank * a.n_heads * a.qk_head_dim
+    kv = D * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * a.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
+    return q + kv + a.n_heads * a.v_head_dim * D
+
+
+def _ffn_active_params(cfg: ModelConfig, layer: int) -> int:
+    m, D = cfg.moe, cfg.dim
+    if layer < m.first_k_dense_replace:
+        return 3 * D * cfg.inter_dim
+    return D * m.n_routed_experts + 3 * D * m.moe_inter_dim * (m.router.topk + m.n_shared_experts)
+
+
+def active_matmul_params(cfg: ModelConfig, with_mtp: bool = True) -> int:
+    """Matmul weights a token passes through (see the module docstring)."""
+    layers = list(range(cfg.n_layers))
+    total = sum(_attention_params(cfg) + _ffn_active_params(cfg, i) for i in layers) + cfg.dim * cfg.vocab_size
+    if with_mtp:
+        for k in range(cfg.n_mtp_layers):
+            total += 2 * cfg.dim * cfg.dim + _attention_params(cfg) + _ffn_active_params(cfg, cfg.n_layers + k)
+            total += cfg.dim * cfg.vocab_size
+    return total
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    a = cfg.attn
+    n_attn = cfg.n_layers + cfg.n_mtp_layers
+    attn_fwd = n_attn * 2 * a.n_heads * (seq_len / 2) * (a.qk_head_dim + a.v_head_dim)
+    return 6.0 * active_matmul_params(cfg) + 3.0 * attn_fwd
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_TFLOPS[key]
+    return None

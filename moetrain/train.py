@@ -1,0 +1,237 @@
+"""The training program: ``moetrain train [overrides]`` or ``python -m moetrain.train [overrides]``.
+
+Flow per optimizer step: the loader hands this rank its micro-batches -> forward/backward of each, the loss
+normalised by the target tokens of the whole global batch -> gradient clipping -> AdamW -> the auxiliary-loss-free
+bias update from the per-expert counts summed over all ranks -> metrics -> validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moetrain.config import JobConfig, register_configs, to_job_config
+from moetrain.data import DataLoader, build_samples, split_ranges
+from moetrain.metrics import MetricsLogger, log_text, memory_gb
+from moetrain.model import build_model, collect_expert_counts, init_weights, update_expert_bias
+from moetrain.model.balance import collect_balance_loss
+from moetrain.model.moe import MoE
+from moetrain.optim import build_optimizer, set_lr
+from moetrain.parallel.dist import DistInfo, all_reduce_sum, destroy, init_distributed
+from moetrain.parallel.recompute import apply_recompute
+from moetrain.plan import peak_tflops, training_flops_per_token
+from moetrain.resources import conf_dir
+from moetrain.schedules import bias_update_speed_at, global_batch_at, lr_at, mtp_lambda_at
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, job: JobConfig, dist_info: DistInfo | None = None):
+        self.job = job
+        self.dist = dist_info or init_distributed(job.train.device)
+        self.device = self.dist.device
+        self.dp = job.parallel.data_parallel_size(self.dist.world_size)
+        self.run_dir = Path(job.run.dir)
+        self.is_main = self.dist.is_main
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.structured(job), self.run_dir / "config.yaml")
+        seed_everything(job.train.seed)
+        self.compute_dtype = self._compute_dtype()
+
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, job.optim)
+        samples, facts = build_samples(job.data, job.train.seq_len, job.model.vocab_size)
+        self.train_range, self.val_range = split_ranges(len(samples), job.data.val_fraction)
+        self.samples, self.data_facts = samples, facts
+        self.loader = DataLoader(samples, self.train_range, job.data.seed, self.dist.rank % self.dp, self.dp,
+                                 job.train.micro_batch_size)
+        self.step, self.tokens_seen = 0, 0
+        self.flops_per_token = training_flops_per_token(job.model, job.train.seq_len)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.peak = job.logging.peak_tflops or peak_tflops(name)
+        self.metrics = MetricsLogger(job.logging, self.run_dir, job.train.steps, self.is_main,
+                                     OmegaConf.to_container(OmegaConf.structured(job)))
+        self._log(f"moetrain: {self.job.model.n_layers} layers, {_count(self.model) / 1e6:.2f}M parameters, "
+                  f"{self.dp} data-parallel rank(s) on {name}, compute {self.compute_dtype}, "
+                  f"{len(samples)} samples of {job.train.seq_len} tokens "
+                  f"(unigram entropy {facts['unigram_entropy']:.3f} nats); run dir {self.run_dir}")
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _compute_dtype(self) -> torch.dtype:
+        choice = self.job.precision.dtype
+        if choice == "auto":
+            choice = "bf16" if self.device.type == "cuda" else "fp32"
+        return torch.bfloat16 if choice == "bf16" else torch.float32
+
+    def _build_model(self):
+        job = self.job
+        model = build_model(job.model, "meta")
+        apply_recompute(model, job.train.recompute)
+        if self.dp > 1:
+            from moetrain.parallel.data_parallel import apply_fsdp
+
+            apply_fsdp(model, self.dp, self.device)
+        model.to_empty(device=self.device)
+        init_weights(model, job.train.seed)
+        if job.train.compile:
+            for block in list(model.layers.values()) + [m.block for m in model.mtp.values()]:
+                block.compile()
+        return model.train()
+
+    def _autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def _log(self, line: str) -> None:
+        log_text(self.run_dir, line, self.is_main)
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def fit(self) -> list[float]:
+        """Train until train.steps (or train.stop_at); returns the loss of every step run."""
+        job, losses = self.job, []
+        last = job.train.steps if job.train.stop_at < 0 else min(job.train.stop_at, job.train.steps)
+        self.metrics.begin(self.step)
+        while self.step < last:
+            self.step += 1
+            t0 = time.perf_counter()
+            stats = self.train_step()
+            losses.append(stats["loss"])
+            if self.step % job.logging.interval == 0 or self.step == last:
+                self._log_step(stats, time.perf_counter() - t0)
+        self.metrics.close()
+        return losses
+
+    def train_step(self) -> dict:
+        job, step = self.job, self.step
+        global_batch = global_batch_at(self.tokens_seen, job.train, self.dp)
+        micro_batches = [b.to(self.device) for b in self.loader.next_step(global_batch)]
+        # Normalise by the target tokens of the whole global batch, over all ranks.
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(b.n_targets for b in micro_batches)), device=self.device))
+        lr = lr_at(step, job.optim, job.train.steps)
+        set_lr(self.optimizer, lr)
+        mtp_lambda = mtp_lambda_at(step, job.train)
+        # FSDP averages gradients over ranks; the losses here are already global sums, so undo the average.
+        grad_scale = float(self.dp)
+        self._set_balance_loss_scale(job.train.micro_batch_size / global_batch * grad_scale)
+
+        sums = torch.zeros(3, device=self.device)  # lm, mtp (lambda-free, mean over depths), balance
+        for mb in micro_batches:
+            with self._autocast():
+                out = self.model(mb.tokens, mb.labels)
+                loss = out.loss(n_tokens, mtp_lambda)
+            (loss * grad_scale).backward()
+            with torch.no_grad():
+                mtp = torch.stack(out.mtp_loss_sums).mean() if out.mtp_loss_sums else torch.zeros((), device=self.device)
+                bal = collect_balance_loss(self.model)
+                sums += torch.stack([out.lm_loss_sum.detach(), mtp.detach(),
+                                     (bal if bal is not None else torch.zeros((), device=self.device))
+                                     * mb.tokens.shape[0] / global_batch])
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        counts = all_reduce_sum(collect_expert_counts(self.model).to(self.device))
+        maxvio = update_expert_bias(self.model, bias_update_speed_at(step, job.train), counts)
+        self.tokens_seen += global_batch * job.train.seq_len
+
+        all_reduce_sum(sums)
+        lm, mtp = (sums[0] / n_tokens).item(), (sums[1] / n_tokens).item()
+        balance = sums[2].item() / self.dp
+        total = lm + (mtp_lambda * mtp if self.job.model.n_mtp_layers else 0.0)
+        return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
+                "grad_norm": grad_norm, "maxvio": maxvio, "global_batch": global_batch, "mtp_lambda": mtp_lambda}
+
+    def _set_balance_loss_scale(self, scale: float) -> None:
+        for m in self.model.modules():
+            if isinstance(m, MoE):
+                m.balance_loss_scale = scale
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.job.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean next-token loss over ``train.val_batches`` fixed batches of the held-out split."""
+        lo, hi = self.val_range
+        if hi <= lo:
+            return float("nan")
+        self.model.eval()
+        per_rank = self.job.train.micro_batch_size
+        total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for i in range(self.job.train.val_batches):
+            start = lo + (i * self.dp + self.dist.rank % self.dp) * per_rank
+            idx = np.arange(start, min(start + per_rank, hi))
+            if len(idx) == 0:
+                break
+            b = self.samples.get(idx).to(self.device)
+            with self._autocast():
+                out = self.model(b.tokens, b.labels)
+            total += out.lm_loss_sum.float()
+            count += out.n_tokens
+        self.model.train()
+        all_reduce_sum(total), all_reduce_sum(count)
+        return (total / count.clamp_min(1)).item()
+
+    def _log_step(self, stats: dict, step_seconds: float) -> None:
+        tokens = stats["global_batch"] * self.job.train.seq_len
+        tokens_per_s = tokens / step_seconds
+        tflops = self.flops_per_token * tokens_per_s / 1e12 / self.dist.world_size  # per device
+        maxvio = stats.pop("maxvio")
+        record = {k: stats[k] for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm")}
+        record.update(
+            tokens_per_s=tokens_per_s, tflops=tflops, mfu=tflops / self.peak if self.peak else None,
+            max_violation=float(maxvio.mean()) if maxvio.numel() else 0.0,
+            max_violation_per_layer=[round(float(v), 4) for v in maxvio],
+            expert_bias_abs_mean=_expert_bias_abs_mean(self.model), memory_gb=memory_gb(self.device),
+            tokens_seen=self.tokens_seen, global_batch=stats["global_batch"], mtp_lambda=stats["mtp_lambda"])
+        if self.job.train.val_interval and self.step % self.job.train.val_interval == 0:
+            record["val_loss"] = self.validate()
+        self.metrics.log(self.step, record)
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _expert_bias_abs_mean(model) -> float:
+    biases = [m.expert_bias.abs().mean() for m in model.modules() if hasattr(m, "expert_bias")]
+    return float(torch.stack(biases).mean()) if biases else 0.0
+
+
+def run(job: JobConfig) -> list[float]:
+    trainer = Trainer(job)
+    try:
+        return trainer.fit()
+    finally:
+        destroy()
+
+
+register_configs()
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(to_job_config(cfg))
+
+
+if __name__ == "__main__":
+    main()
