@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -249,10 +249,24 @@ def to_job_config(cfg: DictConfig | dict[str, Any]) -> JobConfig:
     register_resolvers()
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
+    _reject_unknown_keys(cfg, JobConfig, "")
     cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
     OmegaConf.resolve(cfg)
     job: JobConfig = OmegaConf.to_object(cfg)
     return job.validate(world_size())
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """Hydra's ``+key=value`` opens a typed node for new keys; no key outside the schema is accepted."""
+    hints = get_type_hints(schema)
+    names = {f.name for f in fields(schema)}
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(full, f"unknown key; {prefix.rstrip('.') or 'the root'} has {sorted(names)}")
+        sub = hints[key]
+        if is_dataclass(sub) and isinstance(node._get_node(key), DictConfig):
+            _reject_unknown_keys(node[key], sub, full + ".")
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
