@@ -150,7 +150,7 @@ class Trainer:
 
         all_reduce_sum(sums)
         lm, mtp = (sums[0] / n_tokens).item(), (sums[1] / n_tokens).item()
-        balance = sums[2].item() / self.dp
+        balance = sums[2].item()
         total = lm + (mtp_lambda * mtp if self.job.model.n_mtp_layers else 0.0)
         return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
                 "grad_norm": grad_norm, "maxvio": maxvio, "global_batch": global_batch, "mtp_lambda": mtp_lambda}

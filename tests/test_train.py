@@ -111,3 +111,13 @@ def test_demo_end_to_end(tmp_path):
     assert len(last["max_violation_per_layer"]) == 4  # 3 MoE blocks + 1 MTP block
     assert "val_loss" in records[99] and (run / "config.yaml").exists()
     assert "step 300/300" in proc.stdout and "eta" in proc.stdout
+
+
+def test_wandb_offline_run_is_written_by_rank0(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    job = _job(tmp_path, "logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.interval=1",
+               "train.steps=2", "logging.wandb.name=unit")
+    Trainer(job).fit()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

@@ -63,9 +63,11 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h_prev_BTD, emb_BTD, freqs_cis, attn_mask=None):
+    def forward(self, h_prev_BTD, emb_BTD, freqs_cis, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns h_k (input of module k + 1) and norm(h_k) (input of the shared head)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
-        return self.block(x, freqs_cis, attn_mask)
+        h = self.block(x, freqs_cis, attn_mask)
+        return h, self.norm(h)
 
 
 @dataclass
@@ -120,10 +122,10 @@ class Transformer(nn.Module):
         out = LMOutput(logits, _ce_sum(logits, labels_BT), n_tokens=(labels_BT != IGNORE_INDEX).sum())
         for k, mtp in enumerate(self.mtp.values(), start=1):
             # Position i sees Emb(t_{i+k}) and predicts t_{i+k+1}; the last k positions have no target.
-            h = mtp(h, self.embed(tokens_BT.roll(-k, dims=1)), freqs_cis, attn_mask)
+            h, h_normed = mtp(h, self.embed(tokens_BT.roll(-k, dims=1)), freqs_cis, attn_mask)
             labels_k = labels_BT.roll(-k, dims=1)
             labels_k[:, -k:] = IGNORE_INDEX
-            out.mtp_loss_sums.append(_ce_sum(self.head(mtp.norm(h)), labels_k))
+            out.mtp_loss_sums.append(_ce_sum(self.head(h_normed), labels_k))
         return out
 
 
