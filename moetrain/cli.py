@@ -7,7 +7,8 @@ import sys
 USAGE = """usage: moetrain <command> [args]
 
 commands:
-  train [overrides]   train a model (Hydra overrides, e.g. model=tiny train.steps=100); --help for the config
+  train [overrides]          train a model (Hydra overrides, e.g. model=tiny train.steps=100)
+  prepare-data INPUTS...     tokenise text files into shards (--help for options)
 """
 
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0] + " train", *rest]  # Hydra reads its overrides from sys.argv
         train.main()
         return 0
+    if command == "prepare-data":
+        from moetrain.data.prepare import main as prepare_main
+
+        return prepare_main(rest)
     print(f"moetrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

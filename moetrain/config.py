@@ -28,13 +28,25 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "demo"  # demo (shipped English text, byte tokens) | synthetic (random tokens)
+    kind: str = "demo"  # demo (shipped English text, byte tokens) | synthetic (random tokens) | shards
+    paths: list[str] = field(default_factory=list)  # kind=shards: prepared dataset dirs or fsspec URLs
+    weights: list[float] = field(default_factory=list)  # blend weights, one per path (default: equal)
     seed: int = 1234
-    val_fraction: float = 0.01  # share of samples held out for validation
-    demo_bytes: int = 2_000_000  # size of the demo corpus
+    val_fraction: float = 0.01  # share of each dataset's samples held out for validation (the tail)
+    demo_bytes: int = 1_000_000  # size of the demo corpus
+    cache_dir: Optional[str] = None  # prepared demo data and copies of remote shards; default ~/.cache/moetrain
+    verify_checksums: bool = True  # check each shard's sha256 against manifest.json when it is opened
+    prefetch: bool = True  # read the next step's batches on a background thread
+    document_mask: bool = False  # attend only within each packed document, RoPE positions restart per document
 
     def validate(self, prefix: str = "data") -> None:
-        _require(self.kind in ("demo", "synthetic"), f"{prefix}.kind", f"must be demo or synthetic, got {self.kind!r}")
+        _require(self.kind in ("demo", "synthetic", "shards"), f"{prefix}.kind",
+                 f"must be demo, synthetic or shards, got {self.kind!r}")
+        if self.kind == "shards":
+            _require(len(self.paths) > 0, f"{prefix}.paths", "data=shards needs at least one dataset directory")
+        _require(not self.weights or len(self.weights) == len(self.paths), f"{prefix}.weights",
+                 f"need one weight per path ({len(self.paths)}), got {len(self.weights)}")
+        _require(all(w > 0 for w in self.weights), f"{prefix}.weights", "must be positive")
         _require(0 <= self.val_fraction < 0.5, f"{prefix}.val_fraction", "must be in [0, 0.5)")
         _require(self.demo_bytes >= 10_000, f"{prefix}.demo_bytes", "must be at least 10000")
 

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moetrain.config import JobConfig, register_configs, to_job_config
-from moetrain.data import DataLoader, build_samples, split_ranges
+from moetrain.data import Blend, DataLoader, build_sources, make_batch
 from moetrain.metrics import MetricsLogger, log_text, memory_gb
 from moetrain.model import build_model, collect_expert_counts, init_weights, update_expert_bias
 from moetrain.model.balance import collect_balance_loss
@@ -53,11 +53,10 @@ class Trainer:
 
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, job.optim)
-        samples, facts = build_samples(job.data, job.train.seq_len, job.model.vocab_size)
-        self.train_range, self.val_range = split_ranges(len(samples), job.data.val_fraction)
-        self.samples, self.data_facts = samples, facts
-        self.loader = DataLoader(samples, self.train_range, job.data.seed, self.dist.rank % self.dp, self.dp,
-                                 job.train.micro_batch_size)
+        self.sources = self._build_sources()
+        self.loader = DataLoader(self.sources.samples, self.sources.train_ranges, self.sources.weights, job.data.seed,
+                                 self.dist.rank % self.dp, self.dp, job.train.micro_batch_size,
+                                 self.sources.blend_id, job.data.prefetch)
         self.step, self.tokens_seen = 0, 0
         self.flops_per_token = training_flops_per_token(job.model, job.train.seq_len)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -66,8 +65,8 @@ class Trainer:
                                      OmegaConf.to_container(OmegaConf.structured(job)))
         self._log(f"moetrain: {self.job.model.n_layers} layers, {_count(self.model) / 1e6:.2f}M parameters, "
                   f"{self.dp} data-parallel rank(s) on {name}, compute {self.compute_dtype}, "
-                  f"{len(samples)} samples of {job.train.seq_len} tokens "
-                  f"(unigram entropy {facts['unigram_entropy']:.3f} nats); run dir {self.run_dir}")
+                  f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
+                  f"tokens{_entropy_note(self.sources.unigram_entropy)}; run dir {self.run_dir}")
 
     # ------------------------------------------------------------------------------------------------ setup
     def _compute_dtype(self) -> torch.dtype:
@@ -90,6 +89,17 @@ class Trainer:
             for block in list(model.layers.values()) + [m.block for m in model.mtp.values()]:
                 block.compile()
         return model.train()
+
+    def _build_sources(self):
+        """Local rank 0 prepares (or downloads) shared cached data first; the other ranks then read it."""
+        args = (self.job.data, self.job.train.seq_len, self.job.model.vocab_size)
+        if self.dist.world_size == 1:
+            return build_sources(*args)
+        import torch.distributed as dist
+
+        sources = build_sources(*args) if self.dist.local_rank == 0 else None
+        dist.barrier()
+        return sources if sources is not None else build_sources(*args)
 
     def _autocast(self):
         if self.compute_dtype == torch.float32:
@@ -119,6 +129,7 @@ class Trainer:
         job, step = self.job, self.step
         global_batch = global_batch_at(self.tokens_seen, job.train, self.dp)
         micro_batches = [b.to(self.device) for b in self.loader.next_step(global_batch)]
+        self.loader.prefetch(global_batch_at(self.tokens_seen + global_batch * job.train.seq_len, job.train, self.dp))
         # Normalise by the target tokens of the whole global batch, over all ranks.
         n_tokens = all_reduce_sum(torch.tensor(float(sum(b.n_targets for b in micro_batches)), device=self.device))
         lr = lr_at(step, job.optim, job.train.steps)
@@ -131,7 +142,7 @@ class Trainer:
         sums = torch.zeros(3, device=self.device)  # lm, mtp (lambda-free, mean over depths), balance
         for mb in micro_batches:
             with self._autocast():
-                out = self.model(mb.tokens, mb.labels)
+                out = self._forward(mb)
                 loss = out.loss(n_tokens, mtp_lambda)
             (loss * grad_scale).backward()
             with torch.no_grad():
@@ -168,23 +179,28 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
+    def _forward(self, batch):
+        if self.job.data.document_mask:
+            return self.model(batch.tokens, batch.labels, batch.doc_ids, batch.position_ids)
+        return self.model(batch.tokens, batch.labels)
+
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean next-token loss over ``train.val_batches`` fixed batches of the held-out split."""
-        lo, hi = self.val_range
-        if hi <= lo:
+        """Mean next-token loss over ``train.val_batches`` fixed global batches of the held-out samples."""
+        ranges = self.sources.val_ranges
+        if all(hi <= lo for lo, hi in ranges):
             return float("nan")
+        blend = Blend([r if r[1] > r[0] else (0, 1) for r in ranges],
+                      [w if r[1] > r[0] else 1e-9 for w, r in zip(self.sources.weights, ranges)], seed=0)
         self.model.eval()
-        per_rank = self.job.train.micro_batch_size
+        micro, rank = self.job.train.micro_batch_size, self.dist.rank % self.dp
         total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for i in range(self.job.train.val_batches):
-            start = lo + (i * self.dp + self.dist.rank % self.dp) * per_rank
-            idx = np.arange(start, min(start + per_rank, hi))
-            if len(idx) == 0:
-                break
-            b = self.samples.get(idx).to(self.device)
+            first = (i * self.dp + rank) * micro
+            rows = [self.sources.samples[s].row(k) for s, k in map(blend.lookup, range(first, first + micro))]
+            batch = make_batch(np.stack(rows), self.loader.eos_id).to(self.device)
             with self._autocast():
-                out = self.model(b.tokens, b.labels)
+                out = self._forward(batch)
             total += out.lm_loss_sum.float()
             count += out.n_tokens
         self.model.train()
@@ -206,6 +222,10 @@ class Trainer:
         if self.job.train.val_interval and self.step % self.job.train.val_interval == 0:
             record["val_loss"] = self.validate()
         self.metrics.log(self.step, record)
+
+
+def _entropy_note(entropy: float | None) -> str:
+    return "" if entropy is None else f" (unigram entropy {entropy:.3f} nats)"
 
 
 def _count(model) -> int:

@@ -23,6 +23,8 @@ def test_every_shipped_yaml_composes_and_validates(option):
     overrides = [option]
     if option.startswith("model=") and option != "model=tiny":
         overrides.append("data=synthetic")  # the demo data needs the byte vocabulary of model=tiny
+    if option == "data=shards":
+        overrides.append("data.paths=[/data/a,/data/b]")
     if option == "train=v3":
         overrides.append("model=deepseek_v3_671b")
     job = to_job_config(compose(overrides))

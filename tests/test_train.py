@@ -121,3 +121,19 @@ def test_wandb_offline_run_is_written_by_rank0(tmp_path, monkeypatch):
     Trainer(job).fit()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_trains_from_a_blend_of_prepared_shards_with_document_masks(tmp_path):
+    from moetrain.data.prepare import prepare_documents
+
+    for name, n in (("a", 300), ("b", 200)):
+        prepare_documents((f"{name} document {i} " * (i % 7 + 1) for i in range(n)), tmp_path / name,
+                          shard_tokens=4000, progress=False)
+    job = _job(tmp_path / "run", "data=shards", f"data.paths=[{tmp_path / 'a'},{tmp_path / 'b'}]",
+               "data.weights=[3,1]", "data.document_mask=true", "train.val_interval=3", "logging.interval=3")
+    trainer = Trainer(job)
+    losses = trainer.fit()
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert trainer.loader.state_dict()["blend"] == [[str(tmp_path / "a"), 3.0], [str(tmp_path / "b"), 1.0]]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(record["val_loss"])

@@ -1,27 +1,71 @@
-"""Data: the demo corpus, the byte tokenizer, and the deterministic resumable loader."""
+"""Data: prepared token shards, the demo corpus, and the deterministic resumable loader."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-from moetrain.data.loader import Batch, DataLoader, PackedSamples, split_ranges
+from moetrain.data.loader import Batch, Blend, DataLoader, PackedSamples, make_batch, split_ranges
 
 
-def build_samples(data_cfg, seq_len: int, vocab_size: int) -> tuple[PackedSamples, dict]:
-    """The sample source of ``data.kind`` and facts about it (e.g. the unigram entropy of the demo text)."""
-    if data_cfg.kind == "demo":
-        from moetrain.data.demo import demo_tokens, unigram_entropy
-        from moetrain.data.tokenizer import ByteTokenizer
-
-        if vocab_size < ByteTokenizer.vocab_size:
-            raise ValueError(f"data=demo needs model.vocab_size >= {ByteTokenizer.vocab_size} (bytes + EOS), "
-                             f"got {vocab_size}")
-        tokens = demo_tokens(data_cfg.demo_bytes)
-        return PackedSamples(tokens, seq_len, ByteTokenizer.eos_id), {"unigram_entropy": unigram_entropy(tokens)}
-    rng = np.random.Generator(np.random.PCG64(data_cfg.seed))
-    n = max(1 << 20, 64 * (seq_len + 1))
-    tokens = rng.integers(0, vocab_size, n, dtype=np.int64 if vocab_size > 65535 else np.uint16)
-    return PackedSamples(tokens, seq_len, None), {"unigram_entropy": float(np.log(vocab_size))}
+@dataclass
+class Sources:
+    samples: list[PackedSamples]
+    weights: list[float]
+    train_ranges: list[tuple[int, int]]
+    val_ranges: list[tuple[int, int]]
+    blend_id: list  # [[path, weight], ...]: identifies the blend in checkpoints
+    unigram_entropy: float | None
 
 
-__all__ = ["Batch", "DataLoader", "PackedSamples", "build_samples", "split_ranges"]
+def cache_root(data_cfg) -> Path:
+    return Path(data_cfg.cache_dir) if data_cfg.cache_dir else Path.home() / ".cache" / "moetrain"
+
+
+def demo_dataset_dir(data_cfg) -> Path:
+    """The demo corpus as shards, prepared on first use and cached (keyed by Python version and size)."""
+    from moetrain.data.demo import demo_documents
+    from moetrain.data.prepare import prepare_documents
+
+    version = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    out = cache_root(data_cfg) / "demo" / f"{version}-{data_cfg.demo_bytes}"
+    if not (out / "progress.json").exists() or '"done": true' not in (out / "progress.json").read_text():
+        prepare_documents(demo_documents(data_cfg.demo_bytes), out, "bytes", shard_tokens=1 << 19, workers=1,
+                          progress=False)
+    return out
+
+
+def build_sources(data_cfg, seq_len: int, vocab_size: int) -> Sources:
+    """The sample sources of ``data.kind``, split into training and held-out validation ranges."""
+    from moetrain.data.dataset import TokenDataset
+
+    if data_cfg.kind == "synthetic":
+        rng = np.random.Generator(np.random.PCG64(data_cfg.seed))
+        tokens = rng.integers(0, vocab_size, max(1 << 20, 64 * (seq_len + 1)), dtype=np.int64)
+        sources, weights, ids = [PackedSamples(tokens, seq_len, None, "synthetic")], [1.0], [["synthetic", 1.0]]
+        entropy = float(np.log(vocab_size))
+    else:
+        paths = [str(demo_dataset_dir(data_cfg))] if data_cfg.kind == "demo" else list(data_cfg.paths)
+        weights = [1.0] if data_cfg.kind == "demo" else list(data_cfg.weights or [1.0] * len(paths))
+        sets = [TokenDataset(p, vocab_size, str(cache_root(data_cfg) / "shards"), data_cfg.verify_checksums)
+                for p in paths]
+        if len({d.eos_id for d in sets}) > 1:
+            raise ValueError(f"data.paths: the blended datasets use different EOS ids {[d.eos_id for d in sets]}")
+        sources = [PackedSamples(d, seq_len, d.eos_id, p) for d, p in zip(sets, paths)]
+        ids = [["demo" if data_cfg.kind == "demo" else p, w] for p, w in zip(paths, weights)]
+        entropy = _unigram_entropy(sets[0]) if data_cfg.kind == "demo" else None
+    ranges = [split_ranges(len(s), data_cfg.val_fraction) for s in sources]
+    return Sources(sources, weights, [r[0] for r in ranges], [r[1] for r in ranges], ids, entropy)
+
+
+def _unigram_entropy(dataset) -> float:
+    from moetrain.data.demo import unigram_entropy
+
+    return unigram_entropy(dataset[0:len(dataset)])
+
+
+__all__ = ["Batch", "Blend", "DataLoader", "PackedSamples", "Sources", "build_sources", "make_batch",
+           "split_ranges"]

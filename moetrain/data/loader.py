@@ -1,16 +1,18 @@
 """Deterministic, exactly resumable loading of fixed-length samples packed across documents.
 
-A token stream is cut into samples of ``seq_len + 1`` tokens (sample i starts at token ``i * seq_len``), so a
-sample's inputs and labels are its first and last ``seq_len`` tokens. The global order of training samples is a
-pure function of (seed, epoch, index); an optimizer step takes the next ``global_batch`` samples of that order
-and data-parallel rank r reads the r-th contiguous slice of them. The loader's whole state is the number of
-samples consumed, so a resumed run continues exactly, with any number of data-parallel ranks.
+A source's token stream is cut into samples of ``seq_len + 1`` tokens (sample i starts at token ``i * seq_len``),
+so a sample's inputs and labels are its first and last ``seq_len`` tokens. The global order of training samples
+is a pure function of (seed, epoch, index), also for weighted blends of several sources; an optimizer step takes
+the next ``global_batch`` samples of that order and data-parallel rank r reads the r-th contiguous slice of them.
+The loader's whole state is the number of samples consumed (with the seed and blend it was made with), so a
+resumed run continues exactly, with any number of data-parallel ranks.
 
 Shapes: B sequences, T = seq_len.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,78 +38,145 @@ class Batch:
 
 
 class PackedSamples:
-    """Samples of ``seq_len + 1`` tokens from a 1-D token array (numpy array or memory map)."""
+    """Samples of ``seq_len + 1`` tokens from a 1-D token sequence (numpy array, memory map, TokenDataset)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int | None):
+    def __init__(self, tokens, seq_len: int, eos_id: int | None, name: str = "data"):
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"the dataset has {len(tokens)} tokens, fewer than train.seq_len + 1 = {seq_len + 1}")
-        self.tokens, self.seq_len, self.eos_id = tokens, seq_len, eos_id
+            raise ValueError(f"{name}: {len(tokens)} tokens, fewer than train.seq_len + 1 = {seq_len + 1}")
+        self.tokens, self.seq_len, self.eos_id, self.name = tokens, seq_len, eos_id, name
         self.n_samples = (len(tokens) - 1) // seq_len
 
     def __len__(self) -> int:
         return self.n_samples
 
-    def get(self, indices: np.ndarray) -> Batch:
-        rows = np.stack([np.asarray(self.tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1])
-                         for i in indices]).astype(np.int64)
-        seq = torch.from_numpy(rows)
-        tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-        doc_ids, position_ids = self._documents(tokens)
-        return Batch(tokens, labels, doc_ids, position_ids)
+    def row(self, i: int) -> np.ndarray:
+        return np.asarray(self.tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1], dtype=np.int64)
 
-    def _documents(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A new document starts after every EOS; positions restart there."""
-        B, T = tokens_BT.shape
-        if self.eos_id is None:
-            return torch.zeros(B, T, dtype=torch.long), torch.arange(T).expand(B, T).contiguous()
-        starts = torch.zeros(B, T, dtype=torch.long)
-        starts[:, 1:] = (tokens_BT[:, :-1] == self.eos_id).long()
-        doc_ids = starts.cumsum(1)
-        pos = torch.arange(T).expand(B, T)
-        first = torch.where(starts.bool(), pos, torch.zeros_like(pos)).cummax(1).values
-        return doc_ids, (pos - first).contiguous()
+    def get(self, indices) -> Batch:
+        return make_batch(np.stack([self.row(int(i)) for i in indices]), self.eos_id)
+
+
+def make_batch(rows_BT1: np.ndarray, eos_id: int | None) -> Batch:
+    seq = torch.from_numpy(rows_BT1.astype(np.int64))
+    tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    doc_ids, position_ids = document_positions(tokens, eos_id)
+    return Batch(tokens, labels, doc_ids, position_ids)
+
+
+def document_positions(tokens_BT: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document index and position within the document; a new document starts after every EOS."""
+    B, T = tokens_BT.shape
+    pos = torch.arange(T).expand(B, T)
+    if eos_id is None:
+        return torch.zeros(B, T, dtype=torch.long), pos.contiguous()
+    starts = torch.zeros(B, T, dtype=torch.long)
+    starts[:, 1:] = (tokens_BT[:, :-1] == eos_id).long()
+    first = torch.where(starts.bool(), pos, torch.zeros_like(pos)).cummax(1).values
+    return starts.cumsum(1), (pos - first).contiguous()
 
 
 def sample_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of epoch ``epoch``: a pure function of (seed, epoch)."""
+    """The permutation of one source's samples in epoch ``epoch``: a pure function of (seed, epoch)."""
     return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
 
 
+class Blend:
+    """Global sample index -> (source, sample) for weighted sources, as a pure function of (seed, index).
+
+    Indices come in blocks of ``BLOCK``; every block holds a fixed quota of samples of each source (the weights'
+    largest-remainder rounding) in a seeded order, so source s's k-th sample is found without counting from 0.
+    Within a source, samples follow that source's epoch permutations (:func:`sample_order`).
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, ranges: list[tuple[int, int]], weights: list[float], seed: int):
+        if len(ranges) != len(weights) or not ranges or min(weights) <= 0:
+            raise ValueError("data.weights: need one positive weight per data path")
+        self.ranges, self.seed = ranges, seed
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        quota = np.floor(w * self.BLOCK).astype(np.int64)
+        quota[np.argsort(-(w * self.BLOCK - quota), kind="stable")[: self.BLOCK - quota.sum()]] += 1
+        self.quota = quota
+        self._block: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def _layout(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._block is None or self._block[0] != b:
+            src = np.repeat(np.arange(len(self.quota)), self.quota)
+            if len(self.quota) > 1:
+                src = np.random.Generator(np.random.PCG64([self.seed, 1 << 32, b])).permutation(src)
+            rank = np.zeros(self.BLOCK, dtype=np.int64)
+            for s in range(len(self.quota)):
+                rank[src == s] = np.arange(self.quota[s])
+            self._block = (b, src, rank)
+        return self._block[1], self._block[2]
+
+    def lookup(self, i: int) -> tuple[int, int]:
+        b, j = divmod(i, self.BLOCK)
+        src, rank = self._layout(b)
+        s = int(src[j])
+        lo, hi = self.ranges[s]
+        epoch, k = divmod(b * int(self.quota[s]) + int(rank[j]), hi - lo)
+        if (s, epoch) not in self._orders:
+            self._orders = {key: v for key, v in self._orders.items() if key[0] != s}  # one epoch per source
+            self._orders[(s, epoch)] = sample_order(hi - lo, self.seed + s, epoch)
+        return s, lo + int(self._orders[(s, epoch)][k])
+
+
 class DataLoader:
-    """Hands each data-parallel rank its micro-batches of every optimizer step, in the global order."""
+    """Hands each data-parallel rank its micro-batches of every optimizer step, in the global order.
 
-    def __init__(self, samples: PackedSamples, train_range: tuple[int, int], seed: int, dp_rank: int, dp_size: int,
-                 micro_batch_size: int):
-        self.samples, self.seed = samples, seed
-        self.lo, self.hi = train_range
+    With ``prefetch`` the next step's batches are read on a background thread while this step computes.
+    """
+
+    def __init__(self, sources: list[PackedSamples], train_ranges: list[tuple[int, int]], weights: list[float],
+                 seed: int, dp_rank: int, dp_size: int, micro_batch_size: int, blend_id: list | None = None,
+                 prefetch: bool = True):
+        self.sources, self.seed = sources, seed
+        self.blend = Blend(train_ranges, weights, seed)
+        self.blend_id = blend_id or [[s.name, w] for s, w in zip(sources, weights)]
         self.dp_rank, self.dp_size, self.micro = dp_rank, dp_size, micro_batch_size
+        self.eos_id = sources[0].eos_id
         self.consumed = 0  # global samples consumed: the loader's whole state
-        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-prefetch") if prefetch else None
+        self._ahead: tuple[int, int, Future] | None = None
 
-    def _global_indices(self, start: int, count: int) -> np.ndarray:
-        n = self.hi - self.lo
-        out = np.empty(count, dtype=np.int64)
-        for j in range(count):
-            epoch, k = divmod(start + j, n)
-            if self._order_cache is None or self._order_cache[0] != epoch:
-                self._order_cache = (epoch, sample_order(n, self.seed, epoch))
-            out[j] = self.lo + self._order_cache[1][k]
-        return out
+    def _read(self, start: int, global_batch: int) -> list[Batch]:
+        per_rank = global_batch // self.dp_size
+        first = start + self.dp_rank * per_rank
+        rows = []
+        for i in range(first, first + per_rank):
+            s, k = self.blend.lookup(i)
+            rows.append(self.sources[s].row(k))
+        rows = np.stack(rows)
+        return [make_batch(rows[i:i + self.micro], self.eos_id) for i in range(0, per_rank, self.micro)]
 
     def next_step(self, global_batch: int) -> list[Batch]:
         """This rank's micro-batches of the next optimizer step of ``global_batch`` sequences."""
-        per_rank = global_batch // self.dp_size
-        idx = self._global_indices(self.consumed, global_batch)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (self.consumed, global_batch):
+            batches = ahead[2].result()
+        else:
+            batches = self._read(self.consumed, global_batch)
         self.consumed += global_batch
-        return [self.samples.get(idx[i:i + self.micro]) for i in range(0, per_rank, self.micro)]
+        return batches
+
+    def prefetch(self, global_batch: int) -> None:
+        """Start reading the step after this one (``global_batch`` sequences) in the background."""
+        if self._pool is not None:
+            self._ahead = (self.consumed, global_batch, self._pool.submit(self._read, self.consumed, global_batch))
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed}
+        return {"consumed": self.consumed, "seed": self.seed, "blend": self.blend_id}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(f"checkpoint data seed {state['seed']} != data.seed {self.seed}")
-        self.consumed = int(state["consumed"])
+            raise ValueError(f"data.seed: the checkpoint's loader used seed {state['seed']}, this run {self.seed}")
+        if [list(b) for b in state["blend"]] != [list(b) for b in self.blend_id]:
+            raise ValueError(f"data.paths/data.weights: the checkpoint's blend {state['blend']} differs from "
+                             f"this run's {self.blend_id}")
+        self.consumed, self._ahead = int(state["consumed"]), None
 
 
 def split_ranges(n_samples: int, val_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
