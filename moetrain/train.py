@@ -181,7 +181,7 @@ class Trainer:
 
     def _forward(self, batch):
         if self.job.data.document_mask:
-            return self.model(batch.tokens, batch.labels, batch.doc_ids, batch.position_ids)
+            return self.model(batch.tokens, batch.labels, *batch.document_positions())
         return self.model(batch.tokens, batch.labels)
 
     @torch.no_grad()
@@ -196,9 +196,9 @@ class Trainer:
         micro, rank = self.job.train.micro_batch_size, self.dist.rank % self.dp
         total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for i in range(self.job.train.val_batches):
-            first = (i * self.dp + rank) * micro
-            rows = [self.sources.samples[s].row(k) for s, k in map(blend.lookup, range(first, first + micro))]
-            batch = make_batch(np.stack(rows), self.loader.eos_id).to(self.device)
+            src, sample = blend.lookup_many((i * self.dp + rank) * micro, micro)
+            rows = np.concatenate([self.sources.samples[s].rows(sample[src == s]) for s in np.unique(src)])
+            batch = make_batch(rows, self.loader.eos_id).to(self.device)
             with self._autocast():
                 out = self._forward(batch)
             total += out.lm_loss_sum.float()

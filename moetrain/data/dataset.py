@@ -118,6 +118,20 @@ class TokenDataset:
             start += take
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
+    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """[len(starts), length] rows in the token dtype; each row is one slice copy out of a shard's memory map."""
+        out = np.empty((len(starts), length), dtype=np.dtype(self.manifest.dtype))
+        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
+        local = (starts - self.starts[shard_of]).tolist()
+        for r, i in enumerate(shard_of.tolist()):
+            tokens = (self._shards.get(i) or self.shard(i)).tokens
+            lo = local[r]
+            if lo + length <= len(tokens):
+                out[r] = tokens[lo:lo + length]
+            else:  # the span crosses into the next shard
+                out[r] = self[int(starts[r]):int(starts[r]) + length]
+        return out
+
     def shard(self, i: int) -> IndexedShard:
         if i not in self._shards:
             with self._lock:

@@ -113,7 +113,9 @@ class IndexedShard:
         if end > bin_bytes or (n_seq and (self.lengths < 0).any()):
             raise ShardError(f"{idx_path}: the index points past the end of {bin_path.name} "
                              f"({end} > {bin_bytes} bytes): truncated .bin?")
-        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_bytes else np.zeros(0, self.dtype)
+        # A plain ndarray over the memory map: same lazily-read pages, without np.memmap's per-slice overhead.
+        self.tokens = np.asarray(np.memmap(bin_path, dtype=self.dtype, mode="r")) if bin_bytes \
+            else np.zeros(0, self.dtype)
         self.n_tokens = end // self.dtype.itemsize
 
     def __len__(self) -> int:

@@ -23,18 +23,23 @@ from moetrain.model.transformer import IGNORE_INDEX
 
 @dataclass
 class Batch:
-    tokens: torch.Tensor  # [B, T] int64
-    labels: torch.Tensor  # [B, T] int64, IGNORE_INDEX where there is no target
-    doc_ids: torch.Tensor  # [B, T] int64: index of the packed document within its sequence
-    position_ids: torch.Tensor  # [B, T] int64: position within the document
+    # [B, T] token ids in the storage dtype (uint16 / int32) as read; :meth:`to` widens them to int64 on the
+    # device, so that the host copy and the host-to-device transfer move 2-4 bytes per token, not 8.
+    tokens: torch.Tensor
+    labels: torch.Tensor  # [B, T], IGNORE_INDEX where there is no target
+    eos_id: int | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.labels, self.doc_ids,
-                                                                self.position_ids)))
+        return Batch(self.tokens.to(device, non_blocking=True).long(),
+                     self.labels.to(device, non_blocking=True).long(), self.eos_id)
 
     @property
     def n_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
+
+    def document_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """doc_ids [B, T] and position_ids [B, T]; computed on demand (document masking only)."""
+        return document_positions(self.tokens, self.eos_id)
 
 
 class PackedSamples:
@@ -49,27 +54,29 @@ class PackedSamples:
     def __len__(self) -> int:
         return self.n_samples
 
-    def row(self, i: int) -> np.ndarray:
-        return np.asarray(self.tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1], dtype=np.int64)
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """[len(indices), seq_len + 1] in the storage dtype, one slice copy per row."""
+        starts = np.asarray(indices, dtype=np.int64) * self.seq_len
+        if hasattr(self.tokens, "gather"):
+            return self.tokens.gather(starts, self.seq_len + 1)
+        return np.asarray(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)])
 
     def get(self, indices) -> Batch:
-        return make_batch(np.stack([self.row(int(i)) for i in indices]), self.eos_id)
+        return make_batch(self.rows(np.asarray(indices)), self.eos_id)
 
 
 def make_batch(rows_BT1: np.ndarray, eos_id: int | None) -> Batch:
-    seq = torch.from_numpy(rows_BT1.astype(np.int64))
-    tokens, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-    doc_ids, position_ids = document_positions(tokens, eos_id)
-    return Batch(tokens, labels, doc_ids, position_ids)
+    seq = torch.from_numpy(rows_BT1)
+    return Batch(seq[:, :-1], seq[:, 1:], eos_id)
 
 
 def document_positions(tokens_BT: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Document index and position within the document; a new document starts after every EOS."""
     B, T = tokens_BT.shape
-    pos = torch.arange(T).expand(B, T)
+    pos = torch.arange(T, device=tokens_BT.device).expand(B, T)
     if eos_id is None:
-        return torch.zeros(B, T, dtype=torch.long), pos.contiguous()
-    starts = torch.zeros(B, T, dtype=torch.long)
+        return torch.zeros(B, T, dtype=torch.long, device=tokens_BT.device), pos.contiguous()
+    starts = torch.zeros(B, T, dtype=torch.long, device=tokens_BT.device)
     starts[:, 1:] = (tokens_BT[:, :-1] == eos_id).long()
     first = torch.where(starts.bool(), pos, torch.zeros_like(pos)).cummax(1).values
     return starts.cumsum(1), (pos - first).contiguous()
@@ -112,16 +119,38 @@ class Blend:
             self._block = (b, src, rank)
         return self._block[1], self._block[2]
 
-    def lookup(self, i: int) -> tuple[int, int]:
-        b, j = divmod(i, self.BLOCK)
-        src, rank = self._layout(b)
-        s = int(src[j])
-        lo, hi = self.ranges[s]
-        epoch, k = divmod(b * int(self.quota[s]) + int(rank[j]), hi - lo)
+    def lookup_many(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, sample) arrays of global indices start .. start + count - 1."""
+        src_out, sample_out = np.empty(count, np.int64), np.empty(count, np.int64)
+        i = start
+        while i < start + count:
+            b, j = divmod(i, self.BLOCK)
+            n = min(self.BLOCK - j, start + count - i)
+            src, rank = self._layout(b)
+            src, rank = src[j:j + n], rank[j:j + n]
+            out = slice(i - start, i - start + n)
+            src_out[out] = src
+            for s in _distinct(src):
+                mask = slice(None) if len(self.quota) == 1 else src == s
+                lo, hi = self.ranges[s]
+                epochs, k = np.divmod(b * int(self.quota[s]) + rank[mask], hi - lo)
+                picked = np.empty(len(k), np.int64)
+                for e in _distinct(epochs):
+                    at = slice(None) if epochs[0] == epochs[-1] else epochs == e
+                    picked[at] = self._order(int(s), int(e), hi - lo)[k[at]]
+                sample_out[out][mask] = lo + picked
+            i += n
+        return src_out, sample_out
+
+    def _order(self, s: int, epoch: int, n: int) -> np.ndarray:
         if (s, epoch) not in self._orders:
-            self._orders = {key: v for key, v in self._orders.items() if key[0] != s}  # one epoch per source
-            self._orders[(s, epoch)] = sample_order(hi - lo, self.seed + s, epoch)
-        return s, lo + int(self._orders[(s, epoch)][k])
+            self._orders = {key: v for key, v in self._orders.items() if key[0] != s or key[1] > epoch - 2}
+            self._orders[(s, epoch)] = sample_order(n, self.seed + s, epoch)
+        return self._orders[(s, epoch)]
+
+    def lookup(self, i: int) -> tuple[int, int]:
+        src, sample = self.lookup_many(i, 1)
+        return int(src[0]), int(sample[0])
 
 
 class DataLoader:
@@ -144,12 +173,13 @@ class DataLoader:
 
     def _read(self, start: int, global_batch: int) -> list[Batch]:
         per_rank = global_batch // self.dp_size
-        first = start + self.dp_rank * per_rank
-        rows = []
-        for i in range(first, first + per_rank):
-            s, k = self.blend.lookup(i)
-            rows.append(self.sources[s].row(k))
-        rows = np.stack(rows)
+        src, sample = self.blend.lookup_many(start + self.dp_rank * per_rank, per_rank)
+        if len(self.sources) == 1:
+            rows = self.sources[0].rows(sample)
+        else:
+            rows = np.empty((per_rank, self.sources[0].seq_len + 1), dtype=np.int64)  # sources may differ in dtype
+            for s in _distinct(src):
+                rows[src == s] = self.sources[s].rows(sample[src == s])
         return [make_batch(rows[i:i + self.micro], self.eos_id) for i in range(0, per_rank, self.micro)]
 
     def next_step(self, global_batch: int) -> list[Batch]:
@@ -177,6 +207,15 @@ class DataLoader:
             raise ValueError(f"data.paths/data.weights: the checkpoint's blend {state['blend']} differs from "
                              f"this run's {self.blend_id}")
         self.consumed, self._ahead = int(state["consumed"]), None
+
+
+def _distinct(values: np.ndarray) -> list[int]:
+    """Distinct values of a small int array; the common single-valued case without sorting."""
+    if len(values) == 0:
+        return []
+    if values.min() == values.max():
+        return [int(values[0])]
+    return np.unique(values).tolist()
 
 
 def split_ranges(n_samples: int, val_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
