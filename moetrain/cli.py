@@ -9,6 +9,8 @@ USAGE = """usage: moetrain <command> [args]
 commands:
   train [overrides]          train a model (Hydra overrides, e.g. model=tiny train.steps=100)
   prepare-data INPUTS...     tokenise text files into shards (--help for options)
+  convert --to-hf CKPT OUT   export a checkpoint to the Hugging Face DeepSeek-V3 format
+  convert --from-hf DIR OUT  import a Hugging Face checkpoint (FP8 weights dequantised)
 """
 
 
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from moetrain.data.prepare import main as prepare_main
 
         return prepare_main(rest)
+    if command == "convert":
+        from moetrain.checkpoint.convert import main as convert_main
+
+        return convert_main(rest)
     print(f"moetrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -159,8 +159,9 @@ class CheckpointConfig:
     dir: str = "${run.dir}/checkpoints"
     interval: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 2
-    resume: str = "auto"  # auto | none | a checkpoint path
-    init_from_hf: Optional[str] = None
+    resume: str = "auto"  # auto | none | a checkpoint path (or a checkpoint.dir: its newest complete one)
+    init_from_hf: Optional[str] = None  # start from Hugging Face weights when there is nothing to resume
+    async_save: bool = False  # write in the background; training stalls only for the copy to host memory
 
     def validate(self, prefix: str = "checkpoint") -> None:
         _require(self.interval >= 0, f"{prefix}.interval", "must be >= 0")

@@ -8,7 +8,9 @@ bias update from the per-expert counts summed over all ranks -> metrics -> valid
 from __future__ import annotations
 
 import contextlib
+import json
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from moetrain.checkpoint import CheckpointManager
 from moetrain.config import JobConfig, register_configs, to_job_config
 from moetrain.data import Blend, DataLoader, build_sources, make_batch
 from moetrain.metrics import MetricsLogger, log_text, memory_gb
@@ -63,10 +66,74 @@ class Trainer:
         self.peak = job.logging.peak_tflops or peak_tflops(name)
         self.metrics = MetricsLogger(job.logging, self.run_dir, job.train.steps, self.is_main,
                                      OmegaConf.to_container(OmegaConf.structured(job)))
+        self.ckpt = CheckpointManager(job.checkpoint.dir, job.checkpoint.keep_last, self.dist.rank,
+                                      self.dist.world_size, self._log, job.checkpoint.async_save)
+        self._stop_signal: int | None = None
         self._log(f"moetrain: {self.job.model.n_layers} layers, {_count(self.model) / 1e6:.2f}M parameters, "
                   f"{self.dp} data-parallel rank(s) on {name}, compute {self.compute_dtype}, "
                   f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
                   f"tokens{_entropy_note(self.sources.unigram_entropy)}; run dir {self.run_dir}")
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def resume_or_init(self) -> None:
+        """Continue from checkpoint.resume, else start from checkpoint.init_from_hf, else from scratch."""
+        path = self.ckpt.find_resume(self.job.checkpoint.resume)
+        if path is not None:
+            state = self.ckpt.load(path, self.model, self.optimizer)
+            if state.get("kind") == "model":
+                self._log(f"checkpoint: {path} holds weights only; training starts at step 0 from them")
+                return
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.loader.load_state_dict(state["loader"])
+            self._log(f"checkpoint: continuing after step {self.step} ({self.tokens_seen} tokens seen)")
+        elif self.job.checkpoint.init_from_hf:
+            self._init_from_hf(self.job.checkpoint.init_from_hf)
+
+    def _init_from_hf(self, hf_dir: str) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from moetrain.hf import config_from_hf, from_hf_pretrained
+
+        hf_cfg = config_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
+        ours = self.job.model
+        for name in ("vocab_size", "dim", "inter_dim", "n_layers", "attn", "moe"):
+            theirs = getattr(hf_cfg, name)
+            mine = getattr(ours, name)
+            if name == "moe":  # the balance coefficient is a training choice, not part of the weights
+                theirs.router.balance_loss_alpha = mine.router.balance_loss_alpha
+            if theirs != mine:
+                raise ValueError(f"checkpoint.init_from_hf: {hf_dir} has model.{name}={theirs}, this run "
+                                 f"model.{name}={mine}; choose the matching model preset")
+        full = from_hf_pretrained(hf_dir).state_dict()
+        missing = [k for k in self.model.state_dict() if k not in full]
+        if any(not k.startswith("mtp.") for k in missing):
+            raise ValueError(f"checkpoint.init_from_hf: {hf_dir} lacks {missing[:3]}")
+        if missing:
+            self._log(f"checkpoint: {hf_dir} has no MTP weights; the MTP modules start from their initialisation")
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        self._log(f"checkpoint: initialised from Hugging Face weights in {hf_dir}")
+
+    def save_checkpoint(self) -> None:
+        state = {"kind": "train", "step": self.step, "tokens_seen": self.tokens_seen,
+                 "loader": self.loader.state_dict()}
+        self.ckpt.save(self.step, self.model, self.optimizer, state,
+                       OmegaConf.to_yaml(OmegaConf.structured(self.job)))
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (Slurm's warning before the time limit): checkpoint at the next step, then exit."""
+        def request_stop(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
 
     # ------------------------------------------------------------------------------------------------ setup
     def _compute_dtype(self) -> torch.dtype:
@@ -114,7 +181,9 @@ class Trainer:
         """Train until train.steps (or train.stop_at); returns the loss of every step run."""
         job, losses = self.job, []
         last = job.train.steps if job.train.stop_at < 0 else min(job.train.stop_at, job.train.steps)
+        self._install_signal_handlers()
         self.metrics.begin(self.step)
+        saved_at = self.step
         while self.step < last:
             self.step += 1
             t0 = time.perf_counter()
@@ -122,6 +191,15 @@ class Trainer:
             losses.append(stats["loss"])
             if self.step % job.logging.interval == 0 or self.step == last:
                 self._log_step(stats, time.perf_counter() - t0)
+            if self._stop_requested():
+                self._log(f"preemption: signal {self._stop_signal} received; checkpointing step {self.step} and exiting")
+                break
+            if job.checkpoint.interval and self.step % job.checkpoint.interval == 0:
+                self.save_checkpoint()
+                saved_at = self.step
+        if self.step != saved_at:
+            self.save_checkpoint()
+        self.ckpt.wait()
         self.metrics.close()
         return losses
 
@@ -239,6 +317,7 @@ def _expert_bias_abs_mean(model) -> float:
 
 def run(job: JobConfig) -> list[float]:
     trainer = Trainer(job)
+    trainer.resume_or_init()
     try:
         return trainer.fit()
     finally:

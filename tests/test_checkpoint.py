@@ -1,0 +1,151 @@
+"""Checkpoints: exact resume, crash and preemption safety (real processes), safe loading, HF conversion."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from moetrain.checkpoint.convert import load_checkpoint_model
+from moetrain.checkpoint.manager import list_checkpoints, resolve_checkpoint
+from moetrain.config import compose, to_job_config
+from moetrain.train import Trainer
+
+SMALL = ["logging.console=false", "train.val_interval=0", "data.demo_bytes=200000", "train.seq_len=64",
+         "train.global_batch_size=8", "train.micro_batch_size=4", "logging.interval=1"]
+
+
+def _job(run_dir, *overrides):
+    return to_job_config(compose([f"run.dir={run_dir}", *SMALL, *overrides]))
+
+
+def _run(run_dir, *overrides):
+    trainer = Trainer(_job(run_dir, *overrides))
+    trainer.resume_or_init()
+    return trainer, trainer.fit()
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight, losses = _run(tmp_path / "a", "train.steps=20")
+    first, l1 = _run(tmp_path / "b", "train.steps=20", "train.stop_at=10")
+    assert first.step == 10 and [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000010"]
+    second, l2 = _run(tmp_path / "b", "train.steps=20")
+    assert second.step == 20
+    assert l1 + l2 == losses
+    _assert_same(_params(straight.model), _params(second.model))
+    assert straight.optimizer.state_dict()["state"].keys() == second.optimizer.state_dict()["state"].keys()
+    for k, st in straight.optimizer.state_dict()["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, second.optimizer.state_dict()["state"][k][name]), (k, name)
+    biases = [m.expert_bias for m in second.model.modules() if hasattr(m, "expert_bias")]
+    assert any(b.abs().sum() > 0 for b in biases)  # the balance state was restored, not re-zeroed
+
+
+def test_async_save_resumes_like_sync(tmp_path):
+    a, la = _run(tmp_path / "a", "train.steps=6", "checkpoint.interval=2", "checkpoint.async_save=true")
+    b, lb = _run(tmp_path / "b", "train.steps=6", "checkpoint.interval=2")
+    assert la == lb
+    _assert_same(_params(load_checkpoint_model(resolve_checkpoint(tmp_path / "a" / "checkpoints"))),
+                 _params(load_checkpoint_model(resolve_checkpoint(tmp_path / "b" / "checkpoints"))))
+
+
+def _cli(run_dir, *overrides, env=None, wait=True):
+    cmd = [sys.executable, "-m", "moetrain", "train", f"run.dir={run_dir}", *SMALL, *overrides]
+    e = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)
+
+
+def _final_weights(run_dir):
+    return _params(load_checkpoint_model(resolve_checkpoint(run_dir / "checkpoints")))
+
+
+def _wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def test_kill9_mid_run_then_resume_matches_uninterrupted(tmp_path):
+    ref = _cli(tmp_path / "ref", "train.steps=40", "checkpoint.interval=5")
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    proc = _cli(tmp_path / "run", "train.steps=40", "checkpoint.interval=5", wait=False)
+    _wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    again = _cli(tmp_path / "run", "train.steps=40", "checkpoint.interval=5")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout
+    _assert_same(_final_weights(tmp_path / "ref"), _final_weights(tmp_path / "run"))
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    run = tmp_path / "run"
+    assert _cli(run, "train.steps=10", "train.stop_at=5").returncode == 0
+    died = _cli(run, "train.steps=10", env={"MOETRAIN_FAULT_INJECT": "kill_during_save"})
+    assert died.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / "step_00000010").exists()  # tensors written, never marked complete
+    resumed = _cli(run, "train.steps=10")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "skipping step_00000010" in resumed.stdout and "step_00000005" in resumed.stdout
+    ref = _cli(tmp_path / "ref", "train.steps=10")
+    _assert_same(_final_weights(tmp_path / "ref"), _final_weights(run))
+
+
+def test_truncated_file_falls_back_with_warning_naming_it(tmp_path):
+    run = tmp_path / "run"
+    assert _cli(run, "train.steps=10", "checkpoint.interval=5").returncode == 0
+    victim = next((run / "checkpoints" / "step_00000010").glob("*.distcp"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    resumed = _cli(run, "train.steps=12")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert str(victim) in resumed.stdout
+    assert "resuming from" in resumed.stdout and "step_00000005" in resumed.stdout
+
+
+def test_sigterm_checkpoints_at_next_step_and_exits_zero(tmp_path):
+    run = tmp_path / "run"
+    proc = _cli(run, "train.steps=100000", wait=False)
+    metrics = run / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in ckpts] == [f"step_{steps[-1]:08d}"]
+    resumed = _cli(run, f"train.steps={steps[-1] + 2}")
+    assert resumed.returncode == 0 and f"continuing after step {steps[-1]}" in resumed.stdout
+
+
+def test_malicious_metadata_is_refused(tmp_path):
+    _run(tmp_path, "train.steps=1")
+    ckpt = resolve_checkpoint(tmp_path / "checkpoints")
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(Exception, match="refusing to unpickle"):
+        load_checkpoint_model(ckpt)
+    assert not (tmp_path / "pwned").exists()
