@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from moetrain.checkpoint.manager import load_model_weights, resolve_checkpoint, save_model_checkpoint
+from moetrain.checkpoint.manager import load_model_weights, resolve_checkpoint, safe_reader, save_model_checkpoint
 from moetrain.config import JobConfig
 from moetrain.hf import SafetensorsDir, cast_parameters, config_to_hf, from_hf_pretrained, to_hf_state_dict
 from moetrain.model import ModelConfig, build_model, init_weights
@@ -33,9 +33,12 @@ def model_config_of(ckpt: Path) -> ModelConfig:
 
 
 def load_checkpoint_model(ckpt: Path):
-    """A full single-process model (fp32 or the checkpoint's dtype) holding the checkpoint's weights."""
+    """A full single-process model holding the checkpoint's weights, each in the dtype it was saved in."""
     model = build_model(model_config_of(ckpt), "meta").to_empty(device="cpu")
     init_weights(model)  # buffers; every parameter is then overwritten
+    stored = safe_reader(ckpt).read_metadata().state_dict_metadata
+    for name, p in model.named_parameters():
+        p.data = p.data.to(stored[f"model.{name}"].properties.dtype)
     load_model_weights(ckpt, model)
     return model.eval()
 
@@ -67,10 +70,11 @@ def write_hf(model, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
 
 
 def _source_dtype(hf_dir: Path) -> torch.dtype:
-    """The dtype the HF weights are stored in; FP8 weights come out as bf16."""
+    """The dtype the HF weights are stored in; a checkpoint with FP8 weights (DeepSeek's release) becomes bf16."""
     ckpt = SafetensorsDir(hf_dir)
-    t = ckpt.get("model.embed_tokens.weight")
-    return torch.bfloat16 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t.dtype
+    if any(name.endswith("weight_scale_inv") for name in ckpt.weight_map):
+        return torch.bfloat16
+    return ckpt.get("model.embed_tokens.weight").dtype
 
 
 def from_hf(hf_dir: Path, out: Path) -> None:
