@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moetrain.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig, RouterConfig
-from moetrain.model.init import build_model
+from moetrain.model.init import build_model, init_weights
 from moetrain.model.transformer import Transformer
 
 FP8_BLOCK = 128  # DeepSeek-V3 weight quantisation block (128x128)
@@ -257,9 +257,6 @@ def from_hf_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float
     if cfg.n_mtp_layers and f"model.layers.{cfg.n_layers}.eh_proj.weight" not in ckpt:
         cfg.n_mtp_layers = 0  # transformers does not save MTP layers; DeepSeek's release does
     model = build_model(cfg, "meta").to_empty(device=device)
-    model.freqs_cis = model.freqs_cis.new_empty(0)
-    from moetrain.model.init import init_weights
-
     init_weights(model)  # norms, buffers, RoPE; every parameter is then overwritten from the checkpoint
     load_hf_weights(model, ckpt)
     cast_parameters(model, dtype)

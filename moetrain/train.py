@@ -11,6 +11,7 @@ import contextlib
 import json
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,8 @@ class Trainer:
         def request_stop(signum, frame):
             self._stop_signal = signum
 
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
 
@@ -265,17 +268,18 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """Mean next-token loss over ``train.val_batches`` fixed global batches of the held-out samples."""
-        ranges = self.sources.val_ranges
-        if all(hi <= lo for lo, hi in ranges):
+        held_out = [i for i, (lo, hi) in enumerate(self.sources.val_ranges) if hi > lo]
+        if not held_out:
             return float("nan")
-        blend = Blend([r if r[1] > r[0] else (0, 1) for r in ranges],
-                      [w if r[1] > r[0] else 1e-9 for w, r in zip(self.sources.weights, ranges)], seed=0)
+        blend = Blend([self.sources.val_ranges[i] for i in held_out], [self.sources.weights[i] for i in held_out],
+                      seed=0)
         self.model.eval()
         micro, rank = self.job.train.micro_batch_size, self.dist.rank % self.dp
         total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for i in range(self.job.train.val_batches):
             src, sample = blend.lookup_many((i * self.dp + rank) * micro, micro)
-            rows = np.concatenate([self.sources.samples[s].rows(sample[src == s]) for s in np.unique(src)])
+            rows = np.concatenate([self.sources.samples[held_out[s]].rows(sample[src == s])
+                                   for s in np.unique(src)])
             batch = make_batch(rows, self.loader.eos_id).to(self.device)
             with self._autocast():
                 out = self._forward(batch)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Inherited by the subprocesses of the launch and fault tests: 2-4 ranks must not oversubscribe 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from moetrain.model import MLAConfig, ModelConfig, MoEConfig, RouterConfig, build_model, init_weights  # noqa: E402
