@@ -122,12 +122,13 @@ def test_truncated_file_falls_back_with_warning_naming_it(tmp_path):
     assert "resuming from" in resumed.stdout and "step_00000005" in resumed.stdout
 
 
-def test_sigterm_checkpoints_at_next_step_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_at_next_step_and_exits_zero(tmp_path, sig):
     run = tmp_path / "run"
     proc = _cli(run, "train.steps=100000", wait=False)
     metrics = run / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]

@@ -137,3 +137,35 @@ def test_trains_from_a_blend_of_prepared_shards_with_document_masks(tmp_path):
     assert trainer.loader.state_dict()["blend"] == [[str(tmp_path / "a"), 3.0], [str(tmp_path / "b"), 1.0]]
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(record["val_loss"])
+
+
+def test_bf16_autocast_keeps_router_in_fp32_and_tracks_fp32_loss():
+    torch.manual_seed(0)
+    cfg = small_config()
+    model = make_model(cfg)
+    tokens = torch.randint(0, 64, (2, 16))
+    labels = tokens.roll(-1, 1)
+    seen = []
+    gate = model.layers["1"].ffn.gate
+    gate.register_forward_hook(lambda mod, inp, out: seen.append((out[1].dtype, out[2].dtype)))
+    ref = model(tokens, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(tokens, labels)
+    assert low.logits.dtype == torch.bfloat16 and seen[-1] == (torch.float32, torch.float32)
+    ref_loss, low_loss = (ref.lm_loss_sum / ref.n_tokens).item(), (low.lm_loss_sum / low.n_tokens).item()
+    assert abs(low_loss - ref_loss) < 0.02 * ref_loss
+
+
+def test_compiled_blocks_match_eager():
+    torch.manual_seed(0)
+    cfg = small_config()
+    eager, compiled = make_model(cfg), make_model(cfg)
+    for block in list(compiled.layers.values()) + [m.block for m in compiled.mtp.values()]:
+        block.compile()
+    tokens = torch.randint(0, 64, (2, 16))
+    labels = tokens.roll(-1, 1)
+    for m in (eager, compiled):
+        out = m(tokens, labels)
+        out.loss(out.n_tokens, 0.3).backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -22,6 +22,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from moetrain.data.dataset import Manifest, ShardInfo, sha256_file
 from moetrain.data.indexed import ShardWriter, token_dtype
@@ -107,6 +108,7 @@ def prepare_documents(texts: Iterable[str], out_dir: str | os.PathLike, tokenize
     remaining = itertools.islice(iter(texts), docs_done, None)
     batches = _batches(remaining, _BATCH_DOCS)
     writer, t0, tokens_done = None, time.perf_counter(), 0
+    bar = tqdm(desc="prepare-data", unit=" docs", initial=docs_done, disable=not progress, file=sys.stderr)
 
     def close_shard():
         nonlocal writer
@@ -130,17 +132,15 @@ def prepare_documents(texts: Iterable[str], out_dir: str | os.PathLike, tokenize
                 tokens_done += len(ids) + 1
                 if writer.n_tokens >= shard_tokens:
                     close_shard()
-            if progress:
-                rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
-                print(f"\rprepare-data: {docs_done} documents, {len(manifest.shards)} shards, "
-                      f"{rate / 1e6:.2f}M tokens/s", end="", file=sys.stderr, flush=True)
+            bar.update(len(docs))
+            bar.set_postfix(shards=len(manifest.shards),
+                            tokens_per_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M")
         if writer is not None and writer.lengths:
             close_shard()
     finally:
         if pool:
             pool.terminate()
-        if progress:
-            print(file=sys.stderr)
+        bar.close()
     _save_progress(out, manifest, docs_done, done=True)
     return manifest
 
