@@ -191,9 +191,13 @@ class Trainer:
             self.step += 1
             t0 = time.perf_counter()
             stats = self.train_step()
+            step_seconds = time.perf_counter() - t0
             losses.append(stats["loss"])
-            if self.step % job.logging.interval == 0 or self.step == last:
-                self._log_step(stats, time.perf_counter() - t0)
+            validate = bool(job.train.val_interval) and self.step % job.train.val_interval == 0
+            if validate:
+                stats["val_loss"] = self.validate()
+            if self.step % job.logging.interval == 0 or self.step == last or validate:
+                self._log_step(stats, step_seconds)
             if self._stop_requested():
                 self._log(f"preemption: signal {self._stop_signal} received; checkpointing step {self.step} and exiting")
                 break
@@ -301,8 +305,8 @@ class Trainer:
             max_violation_per_layer=[round(float(v), 4) for v in maxvio],
             expert_bias_abs_mean=_expert_bias_abs_mean(self.model), memory_gb=memory_gb(self.device),
             tokens_seen=self.tokens_seen, global_batch=stats["global_batch"], mtp_lambda=stats["mtp_lambda"])
-        if self.job.train.val_interval and self.step % self.job.train.val_interval == 0:
-            record["val_loss"] = self.validate()
+        if "val_loss" in stats:
+            record["val_loss"] = stats["val_loss"]
         self.metrics.log(self.step, record)
 
 

@@ -233,3 +233,22 @@ def test_bad_shards_fail_naming_the_file(tmp_path):
     reset()
     with pytest.raises(ShardError, match="larger than model.vocab_size=100"):
         TokenDataset(str(ds_dir), model_vocab_size=100)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "saved_dataset", "text"])
+def test_prepare_reads_parquet_text_and_saved_datasets(tmp_path, kind):
+    datasets = pytest.importorskip("datasets")
+    texts = _texts(50)
+    if kind == "parquet":
+        src = tmp_path / "in.parquet"
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(str(src))
+    elif kind == "saved_dataset":
+        src = tmp_path / "saved"
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(src))
+    else:
+        src = tmp_path / "in.txt"  # the text format: one document per line
+        src.write_text("\n".join(texts) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "moetrain", "prepare-data", str(src), "--output", str(tmp_path / "ds"),
+                           "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _decode_documents(TokenDataset(str(tmp_path / "ds"))) == texts

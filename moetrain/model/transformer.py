@@ -1,8 +1,9 @@
 """The DeepSeek-V3 causal LM: embedding -> blocks -> norm -> head, plus MTP modules.
 
-Pipeline slicing: ``embed``, ``layers`` (a ModuleDict keyed by the global layer index, so names survive when a
-stage keeps only a range), ``norm``, ``head`` and ``mtp`` are top-level attributes; a stage drops those it does
-not own by setting them to None, and ``forward`` skips what is missing.
+Pipeline slicing (the seam for pipeline parallelism): ``embed``, ``layers`` (a ModuleDict keyed by the global layer
+index, so parameter names survive when a stage keeps only a contiguous range), ``norm``, ``head`` and ``mtp`` are
+top-level attributes, and a block's forward takes and returns tensors only.
+TODO(pipeline issue): a stage forward that skips the parts a stage does not own.
 
 Shapes: B batch, T tokens, D model dim, V vocabulary.
 """
