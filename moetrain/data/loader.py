@@ -121,6 +121,14 @@ class Blend:
 
     def lookup_many(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, sample) arrays of global indices start .. start + count - 1."""
+        if len(self.quota) == 1:  # one source: the block layout is the identity, index k is sample k
+            lo, hi = self.ranges[0]
+            epochs, k = np.divmod(np.arange(start, start + count), hi - lo)
+            sample = np.empty(count, np.int64)
+            for e in _distinct(epochs):
+                at = epochs == e
+                sample[at] = lo + self._order(0, int(e), hi - lo)[k[at]]
+            return np.zeros(count, np.int64), sample
         src_out, sample_out = np.empty(count, np.int64), np.empty(count, np.int64)
         i = start
         while i < start + count:
