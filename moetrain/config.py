@@ -16,14 +16,13 @@ from typing import Any, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moetrain.model.config import ConfigError, ModelConfig, _require
+from moetrain.model.config import ConfigError, ModelConfig, require
 
 
 @dataclass
 class RunConfig:
     # Fixed once per job: every torchrun/Slurm rank resolves the same id (see _job_id), so ranks never disagree.
     dir: str = "runs/${mt.job_id:}"
-    name: str = "moetrain"
 
 
 @dataclass
@@ -40,15 +39,15 @@ class DataConfig:
     document_mask: bool = False  # attend only within each packed document, RoPE positions restart per document
 
     def validate(self, prefix: str = "data") -> None:
-        _require(self.kind in ("demo", "synthetic", "shards"), f"{prefix}.kind",
+        require(self.kind in ("demo", "synthetic", "shards"), f"{prefix}.kind",
                  f"must be demo, synthetic or shards, got {self.kind!r}")
         if self.kind == "shards":
-            _require(len(self.paths) > 0, f"{prefix}.paths", "data=shards needs at least one dataset directory")
-        _require(not self.weights or len(self.weights) == len(self.paths), f"{prefix}.weights",
+            require(len(self.paths) > 0, f"{prefix}.paths", "data=shards needs at least one dataset directory")
+        require(not self.weights or len(self.weights) == len(self.paths), f"{prefix}.weights",
                  f"need one weight per path ({len(self.paths)}), got {len(self.weights)}")
-        _require(all(w > 0 for w in self.weights), f"{prefix}.weights", "must be positive")
-        _require(0 <= self.val_fraction < 0.5, f"{prefix}.val_fraction", "must be in [0, 0.5)")
-        _require(self.demo_bytes >= 10_000, f"{prefix}.demo_bytes", "must be at least 10000")
+        require(all(w > 0 for w in self.weights), f"{prefix}.weights", "must be positive")
+        require(0 <= self.val_fraction < 0.5, f"{prefix}.val_fraction", "must be in [0, 0.5)")
+        require(self.demo_bytes >= 10_000, f"{prefix}.demo_bytes", "must be at least 10000")
 
 
 @dataclass
@@ -59,12 +58,12 @@ class ParallelConfig:
     dp_strategy: str = "fsdp"  # fsdp (FSDP2's fully_shard); DeepSpeed ZeRO comes with the data-parallel issue
 
     def validate(self, world_size: int, prefix: str = "parallel") -> None:
-        _require(self.pp >= 1, f"{prefix}.pp", "must be >= 1")
-        _require(self.ep >= 1, f"{prefix}.ep", "must be >= 1")
-        _require(self.pp == 1, f"{prefix}.pp", "pipeline parallelism is not available in this version; set parallel.pp=1")
-        _require(self.ep == 1, f"{prefix}.ep", "expert parallelism is not available in this version; set parallel.ep=1")
-        _require(self.dp_strategy == "fsdp", f"{prefix}.dp_strategy", f"must be fsdp, got {self.dp_strategy!r}")
-        _require(self.dp == -1 or self.dp * self.pp == world_size, f"{prefix}.dp",
+        require(self.pp >= 1, f"{prefix}.pp", "must be >= 1")
+        require(self.ep >= 1, f"{prefix}.ep", "must be >= 1")
+        require(self.pp == 1, f"{prefix}.pp", "pipeline parallelism is not available in this version; set parallel.pp=1")
+        require(self.ep == 1, f"{prefix}.ep", "expert parallelism is not available in this version; set parallel.ep=1")
+        require(self.dp_strategy == "fsdp", f"{prefix}.dp_strategy", f"must be fsdp, got {self.dp_strategy!r}")
+        require(self.dp == -1 or self.dp * self.pp == world_size, f"{prefix}.dp",
                  f"dp * pp = {self.dp} * {self.pp} must equal the world size {world_size} (or set dp=-1)")
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -76,7 +75,7 @@ class PrecisionConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: the compute dtype; master weights stay fp32
 
     def validate(self, prefix: str = "precision") -> None:
-        _require(self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}")
+        require(self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}")
 
 
 @dataclass
@@ -95,17 +94,17 @@ class OptimConfig:
     final_start: float = 1.0  # v3: fraction where final_lr starts
 
     def validate(self, prefix: str = "optim") -> None:
-        _require(self.lr > 0, f"{prefix}.lr", f"must be positive, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, optim.lr]")
-        _require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "must be in [0, 1)")
-        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
-        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
-        _require(self.schedule in ("cosine", "v3"), f"{prefix}.schedule", f"must be cosine or v3, got {self.schedule!r}")
-        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
-        _require(0 <= self.decay_start <= self.decay_end <= 1, f"{prefix}.decay_start",
+        require(self.lr > 0, f"{prefix}.lr", f"must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, optim.lr]")
+        require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "must be in [0, 1)")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
+        require(self.schedule in ("cosine", "v3"), f"{prefix}.schedule", f"must be cosine or v3, got {self.schedule!r}")
+        require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        require(0 <= self.decay_start <= self.decay_end <= 1, f"{prefix}.decay_start",
                  "need 0 <= decay_start <= decay_end <= 1")
-        _require(self.decay_end <= self.final_start <= 1, f"{prefix}.final_start", "need decay_end <= final_start <= 1")
-        _require(self.final_lr is None or self.final_lr >= 0, f"{prefix}.final_lr", "must be >= 0")
+        require(self.decay_end <= self.final_start <= 1, f"{prefix}.final_start", "need decay_end <= final_start <= 1")
+        require(self.final_lr is None or self.final_lr >= 0, f"{prefix}.final_lr", "must be >= 0")
 
 
 @dataclass
@@ -134,24 +133,24 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self, model: ModelConfig, dp: int, prefix: str = "train") -> None:
-        _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
-        _require(self.seq_len >= 2, f"{prefix}.seq_len", "must be >= 2")
-        _require(self.seq_len <= model.max_seq_len, f"{prefix}.seq_len",
+        require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        require(self.seq_len >= 2, f"{prefix}.seq_len", "must be >= 2")
+        require(self.seq_len <= model.max_seq_len, f"{prefix}.seq_len",
                  f"{self.seq_len} exceeds the model's maximum model.max_seq_len={model.max_seq_len}")
-        _require(self.micro_batch_size >= 1, f"{prefix}.micro_batch_size", "must be >= 1")
+        require(self.micro_batch_size >= 1, f"{prefix}.micro_batch_size", "must be >= 1")
         unit = self.micro_batch_size * dp
-        _require(self.global_batch_size % unit == 0, f"{prefix}.global_batch_size",
+        require(self.global_batch_size % unit == 0, f"{prefix}.global_batch_size",
                  f"{self.global_batch_size} is not divisible by micro_batch_size * dp = {unit}")
         if self.batch_ramp_start:
-            _require(0 < self.batch_ramp_start <= self.global_batch_size and self.batch_ramp_start % unit == 0,
+            require(0 < self.batch_ramp_start <= self.global_batch_size and self.batch_ramp_start % unit == 0,
                      f"{prefix}.batch_ramp_start", f"must be in (0, global_batch_size] and divisible by {unit}")
-            _require(self.batch_ramp_tokens > 0, f"{prefix}.batch_ramp_tokens", "must be > 0 with a ramp")
-        _require(self.recompute in ("none", "selective", "full"), f"{prefix}.recompute",
+            require(self.batch_ramp_tokens > 0, f"{prefix}.batch_ramp_tokens", "must be > 0 with a ramp")
+        require(self.recompute in ("none", "selective", "full"), f"{prefix}.recompute",
                  f"must be none, selective or full, got {self.recompute!r}")
-        _require(self.device in ("auto", "cpu", "cuda"), f"{prefix}.device", "must be auto, cpu or cuda")
-        _require(self.bias_update_speed >= 0, f"{prefix}.bias_update_speed", "must be >= 0")
-        _require(self.mtp_lambda >= 0 and self.mtp_lambda_final >= 0, f"{prefix}.mtp_lambda", "must be >= 0")
-        _require(self.val_interval >= 0, f"{prefix}.val_interval", "must be >= 0")
+        require(self.device in ("auto", "cpu", "cuda"), f"{prefix}.device", "must be auto, cpu or cuda")
+        require(self.bias_update_speed >= 0, f"{prefix}.bias_update_speed", "must be >= 0")
+        require(self.mtp_lambda >= 0 and self.mtp_lambda_final >= 0, f"{prefix}.mtp_lambda", "must be >= 0")
+        require(self.val_interval >= 0, f"{prefix}.val_interval", "must be >= 0")
 
 
 @dataclass
@@ -164,8 +163,8 @@ class CheckpointConfig:
     async_save: bool = False  # write in the background; training stalls only for the copy to host memory
 
     def validate(self, prefix: str = "checkpoint") -> None:
-        _require(self.interval >= 0, f"{prefix}.interval", "must be >= 0")
-        _require(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
+        require(self.interval >= 0, f"{prefix}.interval", "must be >= 0")
+        require(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
 
 
 @dataclass
@@ -177,7 +176,7 @@ class WandbConfig:
     mode: str = "online"  # online | offline | disabled
 
     def validate(self, prefix: str = "logging.wandb") -> None:
-        _require(self.mode in ("online", "offline", "disabled"), f"{prefix}.mode", "must be online, offline or disabled")
+        require(self.mode in ("online", "offline", "disabled"), f"{prefix}.mode", "must be online, offline or disabled")
 
 
 @dataclass
@@ -189,7 +188,7 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self, prefix: str = "logging") -> None:
-        _require(self.interval >= 1, f"{prefix}.interval", "must be >= 1")
+        require(self.interval >= 1, f"{prefix}.interval", "must be >= 1")
         self.wandb.validate(f"{prefix}.wandb")
 
 

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(key, message)
 
@@ -36,13 +36,13 @@ class RopeConfig:
     mscale_all_dim: float = 0.0
 
     def validate(self, prefix: str = "model.rope") -> None:
-        _require(self.scaling in ("none", "yarn"), f"{prefix}.scaling", f"must be none or yarn, got {self.scaling!r}")
-        _require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
+        require(self.scaling in ("none", "yarn"), f"{prefix}.scaling", f"must be none or yarn, got {self.scaling!r}")
+        require(self.rope_theta > 0, f"{prefix}.rope_theta", "must be positive")
         if self.scaling == "yarn":
-            _require(self.factor >= 1.0, f"{prefix}.factor", f"YaRN factor must be >= 1, got {self.factor}")
-            _require(self.original_max_position_embeddings > 0, f"{prefix}.original_max_position_embeddings",
+            require(self.factor >= 1.0, f"{prefix}.factor", f"YaRN factor must be >= 1, got {self.factor}")
+            require(self.original_max_position_embeddings > 0, f"{prefix}.original_max_position_embeddings",
                      "must be positive")
-            _require(self.beta_fast > self.beta_slow > 0, f"{prefix}.beta_fast",
+            require(self.beta_fast > self.beta_slow > 0, f"{prefix}.beta_fast",
                      f"need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
 
 
@@ -63,9 +63,9 @@ class MLAConfig:
 
     def validate(self, prefix: str = "model.attn") -> None:
         for name in ("n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            _require(getattr(self, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
-        _require(self.q_lora_rank >= 0, f"{prefix}.q_lora_rank", "must be >= 0 (0 = no query compression)")
-        _require(self.qk_rope_head_dim % 2 == 0, f"{prefix}.qk_rope_head_dim",
+            require(getattr(self, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        require(self.q_lora_rank >= 0, f"{prefix}.q_lora_rank", "must be >= 0 (0 = no query compression)")
+        require(self.qk_rope_head_dim % 2 == 0, f"{prefix}.qk_rope_head_dim",
                  f"rotary dims come in pairs, got odd {self.qk_rope_head_dim}")
 
 
@@ -85,20 +85,20 @@ class RouterConfig:
     balance_loss_alpha: float = 0.0001
 
     def validate(self, n_routed_experts: int, prefix: str = "model.moe.router") -> None:
-        _require(self.scoring_func in ("sigmoid", "softmax"), f"{prefix}.scoring_func",
+        require(self.scoring_func in ("sigmoid", "softmax"), f"{prefix}.scoring_func",
                  f"must be sigmoid or softmax, got {self.scoring_func!r}")
-        _require(self.n_group >= 1, f"{prefix}.n_group", "must be >= 1")
-        _require(n_routed_experts % self.n_group == 0, f"{prefix}.n_group",
+        require(self.n_group >= 1, f"{prefix}.n_group", "must be >= 1")
+        require(n_routed_experts % self.n_group == 0, f"{prefix}.n_group",
                  f"n_routed_experts={n_routed_experts} is not divisible by n_group={self.n_group}")
-        _require(1 <= self.topk_group <= self.n_group, f"{prefix}.topk_group",
+        require(1 <= self.topk_group <= self.n_group, f"{prefix}.topk_group",
                  f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
         per_group = n_routed_experts // self.n_group
-        _require(1 <= self.topk <= self.topk_group * per_group, f"{prefix}.topk",
+        require(1 <= self.topk <= self.topk_group * per_group, f"{prefix}.topk",
                  f"must be in [1, topk_group * experts per group = {self.topk_group * per_group}], got {self.topk}")
         if self.n_group > 1 and self.selection_bias:
-            _require(per_group >= 2, f"{prefix}.n_group", "a group is scored by its top-2 experts: need >= 2 per group")
-        _require(self.routed_scaling_factor > 0, f"{prefix}.routed_scaling_factor", "must be positive")
-        _require(self.balance_loss_alpha >= 0, f"{prefix}.balance_loss_alpha", "must be >= 0")
+            require(per_group >= 2, f"{prefix}.n_group", "a group is scored by its top-2 experts: need >= 2 per group")
+        require(self.routed_scaling_factor > 0, f"{prefix}.routed_scaling_factor", "must be positive")
+        require(self.balance_loss_alpha >= 0, f"{prefix}.balance_loss_alpha", "must be >= 0")
 
 
 @dataclass
@@ -114,10 +114,10 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def validate(self, n_layers: int, prefix: str = "model.moe") -> None:
-        _require(self.n_routed_experts >= 1, f"{prefix}.n_routed_experts", "must be >= 1")
-        _require(self.n_shared_experts >= 0, f"{prefix}.n_shared_experts", "must be >= 0")
-        _require(self.moe_inter_dim > 0, f"{prefix}.moe_inter_dim", "must be positive")
-        _require(0 <= self.first_k_dense_replace <= n_layers, f"{prefix}.first_k_dense_replace",
+        require(self.n_routed_experts >= 1, f"{prefix}.n_routed_experts", "must be >= 1")
+        require(self.n_shared_experts >= 0, f"{prefix}.n_shared_experts", "must be >= 0")
+        require(self.moe_inter_dim > 0, f"{prefix}.moe_inter_dim", "must be positive")
+        require(0 <= self.first_k_dense_replace <= n_layers, f"{prefix}.first_k_dense_replace",
                  f"must be in [0, n_layers={n_layers}]")
         self.router.validate(self.n_routed_experts, f"{prefix}.router")
 
@@ -140,10 +140,10 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> "ModelConfig":
         for name in ("vocab_size", "dim", "inter_dim", "n_layers", "max_seq_len"):
-            _require(getattr(self, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
-        _require(self.n_mtp_layers >= 0, f"{prefix}.n_mtp_layers", "must be >= 0")
-        _require(self.init_std > 0, f"{prefix}.init_std", "must be positive")
-        _require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
+            require(getattr(self, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        require(self.n_mtp_layers >= 0, f"{prefix}.n_mtp_layers", "must be >= 0")
+        require(self.init_std > 0, f"{prefix}.init_std", "must be positive")
+        require(self.norm_eps > 0, f"{prefix}.norm_eps", "must be positive")
         self.attn.validate(f"{prefix}.attn")
         self.rope.validate(f"{prefix}.rope")
         self.moe.validate(self.n_layers, f"{prefix}.moe")
