@@ -94,6 +94,10 @@ def test_mtp_layers_after_main_layers_are_imported(tmp_path):
     L, D = cfg.num_hidden_layers, cfg.hidden_size
     # The MTP block: an HF decoder layer with index L, plus enorm/hnorm/eh_proj/shared_head.norm.
     mtp_layer = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3DecoderLayer(cfg, L).eval()
+    with torch.no_grad():  # a bare layer is not initialised by transformers (its experts are torch.empty)
+        for p in mtp_layer.parameters():
+            p.normal_(0, 0.1) if p.ndim >= 2 else p.fill_(1.0)
+        mtp_layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
     extra = {f"model.layers.{L}.{k}": v.clone() for k, v in mtp_layer.state_dict().items()}
     extra.update({f"model.layers.{L}.enorm.weight": torch.rand(D) + 0.5, f"model.layers.{L}.hnorm.weight": torch.rand(D) + 0.5,
                   f"model.layers.{L}.shared_head.norm.weight": torch.rand(D) + 0.5,
