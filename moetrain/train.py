@@ -8,6 +8,7 @@ bias update from the per-expert counts summed over all ranks -> metrics -> valid
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import signal
@@ -80,6 +81,7 @@ class Trainer:
         """Continue from checkpoint.resume, else start from checkpoint.init_from_hf, else from scratch."""
         path = self.ckpt.find_resume(self.job.checkpoint.resume)
         if path is not None:
+            self._check_same_model(path)
             state = self.ckpt.load(path, self.model, self.optimizer)
             if state.get("kind") == "model":
                 self._log(f"checkpoint: {path} holds weights only; training starts at step 0 from them")
@@ -90,21 +92,25 @@ class Trainer:
         elif self.job.checkpoint.init_from_hf:
             self._init_from_hf(self.job.checkpoint.init_from_hf)
 
+    def _check_same_model(self, path: Path) -> None:
+        """Refuse, naming the key, a checkpoint of another architecture (before any tensor is read)."""
+        saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml").model)
+        key = _architecture_mismatch(saved, self.job.model)
+        if key:
+            raise ValueError(f"checkpoint.resume: {path} was saved with a different {key} than this run; "
+                             "use a new run.dir, checkpoint.resume=none, or the checkpoint's model settings")
+
     def _init_from_hf(self, hf_dir: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from moetrain.hf import config_from_hf, from_hf_pretrained
 
         hf_cfg = config_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
-        ours = self.job.model
-        for name in ("vocab_size", "dim", "inter_dim", "n_layers", "attn", "moe"):
-            theirs = getattr(hf_cfg, name)
-            mine = getattr(ours, name)
-            if name == "moe":  # the balance coefficient is a training choice, not part of the weights
-                theirs.router.balance_loss_alpha = mine.router.balance_loss_alpha
-            if theirs != mine:
-                raise ValueError(f"checkpoint.init_from_hf: {hf_dir} has model.{name}={theirs}, this run "
-                                 f"model.{name}={mine}; choose the matching model preset")
+        # RoPE and the MTP depth may differ: neither changes the shapes of the weights that are loaded.
+        key = _architecture_mismatch(dataclasses.asdict(hf_cfg), self.job.model, ignore=("rope", "n_mtp_layers"))
+        if key:
+            raise ValueError(f"checkpoint.init_from_hf: {hf_dir} has a different {key} than this run; "
+                             "choose the matching model preset")
         full = from_hf_pretrained(hf_dir).state_dict()
         missing = [k for k in self.model.state_dict() if k not in full]
         if any(not k.startswith("mtp.") for k in missing):
@@ -308,6 +314,24 @@ class Trainer:
         if "val_loss" in stats:
             record["val_loss"] = stats["val_loss"]
         self.metrics.log(self.step, record)
+
+
+# Training choices stored in the model config that do not change the weights.
+_NOT_ARCHITECTURE = ("init_std", "max_seq_len", "balance_loss_alpha", "grouped_mm")
+
+
+def _architecture_mismatch(saved: dict, current, ignore: tuple[str, ...] = ()) -> str | None:
+    """The first ``model.*`` key whose value differs between a saved model config and this run's, if any."""
+    def differing(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [k for key in sorted(set(a) | set(b)) for k in differing(a.get(key), b.get(key), f"{prefix}.{key}")]
+        return [] if a == b else [prefix]
+
+    mine = dataclasses.asdict(current)
+    for key in differing(saved, mine, "model"):
+        if key.split(".")[-1] not in _NOT_ARCHITECTURE and key.split(".")[1] not in ignore:
+            return key
+    return None
 
 
 def _entropy_note(entropy: float | None) -> str:

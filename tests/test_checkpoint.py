@@ -150,3 +150,10 @@ def test_malicious_metadata_is_refused(tmp_path):
     with pytest.raises(Exception, match="refusing to unpickle"):
         load_checkpoint_model(ckpt)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_with_another_architecture_names_the_key(tmp_path):
+    _run(tmp_path, "train.steps=1")
+    trainer = Trainer(_job(tmp_path, "train.steps=2", "model.moe.n_routed_experts=12", "model.moe.router.n_group=4"))
+    with pytest.raises(ValueError, match="model.moe.n_routed_experts"):
+        trainer.resume_or_init()
