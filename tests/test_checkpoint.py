@@ -103,10 +103,12 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert _cli(run, "train.steps=10", "train.stop_at=5").returncode == 0
     died = _cli(run, "train.steps=10", env={"MOETRAIN_FAULT_INJECT": "kill_during_save"})
     assert died.returncode == -signal.SIGKILL
-    assert (run / "checkpoints" / "step_00000010").exists()  # tensors written, never marked complete
+    partial = run / "checkpoints" / "step_00000010.partial"
+    assert any(partial.glob("*.distcp")) and not (partial / "COMPLETE").exists()  # tensors written, not marked
+    assert not (run / "checkpoints" / "step_00000010").exists()
     resumed = _cli(run, "train.steps=10")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "skipping step_00000010" in resumed.stdout and "step_00000005" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "step_00000005" in resumed.stdout
     ref = _cli(tmp_path / "ref", "train.steps=10")
     _assert_same(_final_weights(tmp_path / "ref"), _final_weights(run))
 
@@ -150,6 +152,19 @@ def test_malicious_metadata_is_refused(tmp_path):
     with pytest.raises(Exception, match="refusing to unpickle"):
         load_checkpoint_model(ckpt)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_reaching_a_saved_step_again_replaces_it_only_once_complete(tmp_path):
+    _run(tmp_path, "train.steps=4", "checkpoint.interval=2")
+    root = tmp_path / "checkpoints"
+    trainer = Trainer(_job(tmp_path, "train.steps=4", "checkpoint.interval=2",
+                           f"checkpoint.resume={root / 'step_00000002'}"))
+    trainer.resume_or_init()
+    assert trainer.step == 2
+    trainer.fit()
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000004", "step_00000002"]
+    assert not list(root.glob("*.partial")) and not list(root.glob("*.replaced"))
+    assert resolve_checkpoint(root).name == "step_00000004"
 
 
 def test_resume_with_another_architecture_names_the_key(tmp_path):

@@ -252,3 +252,12 @@ def test_prepare_reads_parquet_text_and_saved_datasets(tmp_path, kind):
                            "--workers", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _decode_documents(TokenDataset(str(tmp_path / "ds"))) == texts
+
+
+def test_prepare_refuses_a_directory_it_did_not_start(tmp_path):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "shard_00000.bin").write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="existing"):
+        prepare_documents(["a document"], out, progress=False)
+    assert (out / "shard_00000.bin").read_bytes() == b"precious"

@@ -8,7 +8,9 @@ A checkpoint is a directory ``<checkpoint.dir>/step_<NNNNNNNN>/`` holding
 - ``rng/rank_<r>.safetensors``, each rank's torch RNG states;
 - ``COMPLETE``, written last by rank 0 after every rank has finished, listing every file and its size.
 
-Only a checkpoint with a valid ``COMPLETE`` counts; older ones are pruned only after a newer one is complete.
+Everything is written under ``step_<N>.partial/`` first and renamed to ``step_<N>/`` once complete, so a crash
+never damages an existing checkpoint. Only a checkpoint with a valid ``COMPLETE`` counts; older ones are pruned
+only after a newer one is complete.
 Loading never unpickles arbitrary code (JSON, safetensors, and DCP through :class:`SafeFileSystemReader`).
 """
 
@@ -43,6 +45,11 @@ class CheckpointError(RuntimeError):
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"{_PREFIX}{step:08d}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    """Where a checkpoint is written until it is complete; resume never looks here."""
+    return root / f"{_PREFIX}{step:08d}.partial"
 
 
 def _barrier(group=None) -> None:
@@ -147,9 +154,9 @@ class CheckpointManager:
     def save(self, step: int, model, optimizer, trainer_state: dict, config_yaml: str) -> Path:
         """Write a checkpoint of ``step``; with async_save the tensors are written in the background."""
         self.wait()
-        path = step_dir(self.root, step)
+        path = partial_dir(self.root, step)
         if self.rank == 0:
-            if path.exists():  # an incomplete attempt at the same step (a crash during its save)
+            if path.exists():  # an earlier attempt at the same step that crashed during its save
                 shutil.rmtree(path)
             (path / "rng").mkdir(parents=True)
         _barrier()
@@ -181,10 +188,18 @@ class CheckpointManager:
         if os.environ.get(FAULT_ENV) == "kill_during_save":
             os.kill(os.getpid(), 9)
         _barrier()
+        final = step_dir(self.root, step)
         if self.rank == 0:
             write_complete_marker(path, step, self.world_size)
-            self._prune(keep=path)
-            self.log(f"checkpoint: saved {path}")
+            if final.exists():  # e.g. a run resumed from an older checkpoint reached this step again
+                trash = final.with_name(final.name + ".replaced")
+                os.replace(final, trash)
+                os.replace(path, final)
+                shutil.rmtree(trash)
+            else:
+                os.replace(path, final)
+            self._prune(keep=final)
+            self.log(f"checkpoint: saved {final}")
         _barrier()
 
     def _prune(self, keep: Path) -> None:
@@ -192,8 +207,10 @@ class CheckpointManager:
         complete = [p for p in list_checkpoints(self.root) if verify_complete(p) is None]
         for old in complete[self.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
-        for p in list_checkpoints(self.root):
-            if p not in complete and p.name < keep.name:
+        stale = [p for p in list_checkpoints(self.root) if p not in complete]
+        stale += list(self.root.glob(f"{_PREFIX}*.partial"))
+        for p in stale:
+            if p.name < keep.name:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ----------------------------------------------------------------------------------------------- load

@@ -153,7 +153,11 @@ def _batches(it: Iterator[str], n: int) -> Iterator[list[str]]:
 def _load_progress(out: Path, tokenizer: str) -> dict:
     path = out / PROGRESS
     if not path.exists():
-        for stale in out.glob("shard_*"):  # left by a run that died before its first shard completed
+        foreign = [f.name for f in out.iterdir() if not f.name.endswith(".tmp")]
+        if foreign:  # never overwrite data that this tool did not start writing
+            raise FileExistsError(f"--output {out} already holds {foreign[:3]} and no {PROGRESS}; "
+                                  "choose an empty or new directory")
+        for stale in out.glob("*.tmp"):  # left by a run that died before its first shard completed
             stale.unlink()
         return {"documents": 0, "shards": [], "done": False}
     state = json.loads(path.read_text())
