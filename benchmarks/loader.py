@@ -50,7 +50,7 @@ def loader_vs_memmap(ds_dir: Path, seq_len: int, steps: int, batch: int) -> dict
                         micro_batch_size=batch, prefetch=False)
     # The peer: one memory map over the same shard, reading the same spans in the same order.
     shard = IndexedShard(ds_dir / ds.manifest.shards[0].name)
-    order = [loader.blend.lookup(i)[1] for i in range(steps * batch)]
+    order = loader.blend.lookup_many(0, steps * batch)[1].tolist()
     order = [k for k in order if (k + 1) * seq_len + 1 <= shard.n_tokens][: steps * batch]
     def raw():
         for k in order:

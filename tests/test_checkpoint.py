@@ -109,7 +109,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     resumed = _cli(run, "train.steps=10")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "step_00000005" in resumed.stdout
-    ref = _cli(tmp_path / "ref", "train.steps=10")
+    assert _cli(tmp_path / "ref", "train.steps=10").returncode == 0
     _assert_same(_final_weights(tmp_path / "ref"), _final_weights(run))
 
 

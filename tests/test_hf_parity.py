@@ -1,6 +1,5 @@
 """Logits of moetrain's import of a saved Hugging Face model equal transformers' own (fp32, CPU)."""
 
-import json
 
 import pytest
 import torch

@@ -7,13 +7,10 @@ so the corpus is the same on every run of the same Python version; no download i
 from __future__ import annotations
 
 import ast
-import functools
 import sysconfig
 from pathlib import Path
 
 import numpy as np
-
-from moetrain.data.tokenizer import ByteTokenizer
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__", "ensurepip"}
 _MIN_DOC_CHARS = 200  # short docstrings are mostly signatures, not prose
@@ -41,18 +38,6 @@ def demo_documents(max_bytes: int) -> list[str]:
     if not docs:
         raise RuntimeError(f"no docstrings found under {stdlib}: the demo corpus needs Python's standard library")
     return docs
-
-
-@functools.lru_cache(maxsize=2)
-def demo_tokens(max_bytes: int) -> np.ndarray:
-    """The corpus as one uint16 token stream, each document followed by EOS (read-only, cached per process)."""
-    tok = ByteTokenizer()
-    parts = []
-    for doc in demo_documents(max_bytes):
-        parts += [tok.encode(doc), np.array([tok.eos_id], dtype=np.uint16)]
-    tokens = np.concatenate(parts)
-    tokens.flags.writeable = False
-    return tokens
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:

@@ -61,9 +61,6 @@ class PackedSamples:
             return self.tokens.gather(starts, self.seq_len + 1)
         return np.asarray(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)])
 
-    def get(self, indices) -> Batch:
-        return make_batch(self.rows(np.asarray(indices)), self.eos_id)
-
 
 def make_batch(rows_BT1: np.ndarray, eos_id: int | None) -> Batch:
     seq = torch.from_numpy(rows_BT1)
@@ -155,10 +152,6 @@ class Blend:
             self._orders = {key: v for key, v in self._orders.items() if key[0] != s or key[1] > epoch - 2}
             self._orders[(s, epoch)] = sample_order(n, self.seed + s, epoch)
         return self._orders[(s, epoch)]
-
-    def lookup(self, i: int) -> tuple[int, int]:
-        src, sample = self.lookup_many(i, 1)
-        return int(src[0]), int(sample[0])
 
 
 class DataLoader:
