@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -148,7 +149,7 @@ class CheckpointManager:
         self.async_save = async_save
         # Background saves run their collectives on their own gloo group, away from training's.
         self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
-        self._pending: tuple[int, Path, object, dict] | None = None
+        self._pending: tuple[int, Path, object] | None = None  # (step, path, future) of a background save
 
     # ----------------------------------------------------------------------------------------------- save
     def save(self, step: int, model, optimizer, trainer_state: dict, config_yaml: str) -> Path:
@@ -169,7 +170,7 @@ class CheckpointManager:
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group,
                                     no_dist=not dist.is_initialized())
-            self._pending = (step, path, future, trainer_state)
+            self._pending = (step, path, future)
         else:
             dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
             self._finalize(step, path)
@@ -179,14 +180,14 @@ class CheckpointManager:
         """Finish a background save: wait for its writes, then mark it complete."""
         if self._pending is None:
             return
-        step, path, future, _ = self._pending
+        step, path, future = self._pending
         self._pending = None
         future.result()
         self._finalize(step, path)
 
     def _finalize(self, step: int, path: Path) -> None:
         if os.environ.get(FAULT_ENV) == "kill_during_save":
-            os.kill(os.getpid(), 9)
+            os.kill(os.getpid(), signal.SIGKILL)
         _barrier()
         final = step_dir(self.root, step)
         if self.rank == 0:
@@ -219,7 +220,12 @@ class CheckpointManager:
         if resume == "none":
             return None
         if resume != "auto":
-            return resolve_checkpoint(resume, self._warn)
+            path = resolve_checkpoint(resume, self._warn)
+            newer = [p.name for p in list_checkpoints(self.root) if p.name > path.name]
+            if newer:
+                self._warn(f"checkpoint.resume={resume}: {self.root} also holds newer checkpoints {newer[:3]}; a "
+                           "later checkpoint.resume=auto would pick those, so consider a new checkpoint.dir")
+            return path
         found = newest_complete(self.root, self._warn)
         if found is None:
             self.log(f"checkpoint: no complete checkpoint in {self.root}; starting from scratch")
