@@ -124,10 +124,10 @@ class TokenDataset:
         shard_of = np.searchsorted(self.starts, starts, side="right") - 1
         local = (starts - self.starts[shard_of]).tolist()
         for r, i in enumerate(shard_of.tolist()):
-            tokens = (self._shards.get(i) or self.shard(i)).tokens
+            shard = self._shards.get(i) or self.shard(i)
             lo = local[r]
-            if lo + length <= len(tokens):
-                out[r] = tokens[lo:lo + length]
+            if lo + length <= shard.n_tokens:
+                out[r] = shard.tokens[lo:lo + length]
             else:  # the span crosses into the next shard
                 out[r] = self[int(starts[r]):int(starts[r]) + length]
         return out
