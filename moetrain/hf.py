@@ -216,8 +216,6 @@ def load_hf_weights(model: Transformer, ckpt: SafetensorsDir) -> None:
     if unmapped:
         raise KeyError(f"moetrain tensors without a Hugging Face name: {unmapped[:5]}")
     for ours, theirs in names.items():
-        if ours not in state:
-            continue  # e.g. a pipeline stage that does not own this part
         if isinstance(theirs, str) and theirs not in ckpt and ours.endswith("expert_bias") \
                 and not model.cfg.moe.router.selection_bias:
             continue  # V2-style routers have no selection bias; it stays zero

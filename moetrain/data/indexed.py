@@ -51,14 +51,12 @@ class ShardWriter:
         self._bin_tmp = self.prefix.with_suffix(".bin.tmp")
         self._bin = open(self._bin_tmp, "wb")
         self.lengths: list[int] = []
+        self.n_tokens = 0  # kept as documents arrive: prepare-data checks it after every document
 
     def add_document(self, tokens: np.ndarray) -> None:
         self._bin.write(np.asarray(tokens, dtype=self.dtype).tobytes())
         self.lengths.append(len(tokens))
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(self.lengths)
+        self.n_tokens += len(tokens)
 
     def finalize(self) -> tuple[Path, Path]:
         self._bin.close()

@@ -1,8 +1,9 @@
 """Rotary position embedding of MLA's decoupled part, with YaRN context extension.
 
 DeepSeek lays rotary dims out as interleaved pairs (x0, x1), (x2, x3), ... each rotated by one frequency; we keep
-that layout and rotate each pair by (cos, sin), in real arithmetic so that torch.compile can fuse it. Hugging Face's ``rope_interleave=True`` path is the same rotation
-written with its outputs de-interleaved, which leaves every q.k dot product unchanged.
+that layout and rotate each pair by (cos, sin), in real arithmetic so that torch.compile can fuse it. Hugging
+Face's ``rope_interleave=True`` path is the same rotation written with its outputs de-interleaved, which leaves
+every q.k dot product unchanged.
 """
 
 from __future__ import annotations
