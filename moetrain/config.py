@@ -8,6 +8,7 @@ raises :class:`ConfigError` naming the override to change.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -58,13 +59,16 @@ class ParallelConfig:
     dp_strategy: str = "fsdp"  # fsdp (FSDP2's fully_shard); DeepSpeed ZeRO comes with the data-parallel issue
 
     def validate(self, world_size: int, prefix: str = "parallel") -> None:
-        require(self.pp >= 1, f"{prefix}.pp", "must be >= 1")
-        require(self.ep >= 1, f"{prefix}.ep", "must be >= 1")
+        require(self.pp >= 1, f"{prefix}.pp", f"must be >= 1, got {self.pp}")
+        require(self.ep >= 1, f"{prefix}.ep", f"must be >= 1, got {self.ep}")
+        require(self.dp == -1 or self.dp >= 1, f"{prefix}.dp", f"must be >= 1 or -1 (all ranks / pp), got {self.dp}")
         require(self.pp == 1, f"{prefix}.pp", "pipeline parallelism is not available in this version; set parallel.pp=1")
         require(self.ep == 1, f"{prefix}.ep", "expert parallelism is not available in this version; set parallel.ep=1")
         require(self.dp_strategy == "fsdp", f"{prefix}.dp_strategy", f"must be fsdp, got {self.dp_strategy!r}")
         require(self.dp == -1 or self.dp * self.pp == world_size, f"{prefix}.dp",
                  f"dp * pp = {self.dp} * {self.pp} must equal the world size {world_size} (or set dp=-1)")
+        require(self.dp != -1 or world_size % self.pp == 0, f"{prefix}.pp",
+                 f"the world size {world_size} is not divisible by pp={self.pp}")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.pp if self.dp == -1 else self.dp
@@ -131,13 +135,17 @@ class TrainConfig:
     val_interval: int = 0  # steps between validation passes; 0 = never
     val_batches: int = 4
     device: str = "auto"  # auto | cpu | cuda
+    # Consecutive steps with a non-finite loss or gradient norm tolerated (their updates skipped) before the run
+    # stops with an error; 1 stops at the first. No checkpoint is written after a non-finite step.
+    max_nonfinite_steps: int = 1
 
     def validate(self, model: ModelConfig, dp: int, prefix: str = "train") -> None:
         require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
         require(self.seq_len >= 2, f"{prefix}.seq_len", "must be >= 2")
         require(self.seq_len <= model.max_seq_len, f"{prefix}.seq_len",
                  f"{self.seq_len} exceeds the model's maximum model.max_seq_len={model.max_seq_len}")
-        require(self.micro_batch_size >= 1, f"{prefix}.micro_batch_size", "must be >= 1")
+        require(self.micro_batch_size >= 1, f"{prefix}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.global_batch_size >= 1, f"{prefix}.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
         unit = self.micro_batch_size * dp
         require(self.global_batch_size % unit == 0, f"{prefix}.global_batch_size",
                  f"{self.global_batch_size} is not divisible by micro_batch_size * dp = {unit}")
@@ -151,6 +159,8 @@ class TrainConfig:
         require(self.bias_update_speed >= 0, f"{prefix}.bias_update_speed", "must be >= 0")
         require(self.mtp_lambda >= 0 and self.mtp_lambda_final >= 0, f"{prefix}.mtp_lambda", "must be >= 0")
         require(self.val_interval >= 0, f"{prefix}.val_interval", "must be >= 0")
+        require(self.val_batches >= 1, f"{prefix}.val_batches", "must be >= 1")
+        require(self.max_nonfinite_steps >= 1, f"{prefix}.max_nonfinite_steps", "must be >= 1")
 
 
 @dataclass
@@ -161,6 +171,9 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | a checkpoint path (or a checkpoint.dir: its newest complete one)
     init_from_hf: Optional[str] = None  # start from Hugging Face weights when there is nothing to resume
     async_save: bool = False  # write in the background; training stalls only for the copy to host memory
+    # Resume although train.seq_len, data.seed, data.val_fraction or the datasets (paths, weights, contents)
+    # differ from the checkpoint's: the loader then continues at the same sample count in the new data order.
+    allow_data_change: bool = False
 
     def validate(self, prefix: str = "checkpoint") -> None:
         require(self.interval >= 0, f"{prefix}.interval", "must be >= 0")
@@ -205,15 +218,30 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: int = 1) -> "JobConfig":
+        _require_finite(self, "")
+        self.parallel.validate(world_size)
         self.model.validate("model")
         self.data.validate()
-        self.parallel.validate(world_size)
         self.precision.validate()
         self.optim.validate()
         self.train.validate(self.model, self.parallel.data_parallel_size(world_size))
+        require(not self.train.val_interval or self.data.val_fraction > 0, "train.val_interval",
+                f"validation every {self.train.val_interval} steps needs held-out data, but data.val_fraction=0; "
+                "set data.val_fraction > 0 or train.val_interval=0")
         self.checkpoint.validate()
         self.logging.validate()
         return self
+
+
+def _require_finite(node, prefix: str) -> None:
+    """No nan or inf anywhere in the config (``optim.lr=inf`` would train garbage without a word)."""
+    for f in fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _require_finite(value, key + ".")
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            require(not isinstance(v, float) or math.isfinite(v), key, f"must be a finite number, got {value}")
 
 
 # --------------------------------------------------------------------------------------------- resolvers
@@ -232,7 +260,7 @@ def _job_id() -> str:
 
 
 def _div_exact(a: int, b: int) -> int:
-    if b <= 0 or a % b:
+    if a % b:
         raise ConfigError("train.global_batch_size",
                           f"{a} is not divisible by micro_batch_size * data-parallel size = {b}")
     return a // b
@@ -263,9 +291,19 @@ def to_job_config(cfg: DictConfig | dict[str, Any]) -> JobConfig:
         cfg = OmegaConf.create(cfg)
     _reject_unknown_keys(cfg, JobConfig, "")
     cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+    _check_batch_layout(cfg)
     OmegaConf.resolve(cfg)
     job: JobConfig = OmegaConf.to_object(cfg)
     return job.validate(world_size())
+
+
+def _check_batch_layout(cfg: DictConfig) -> None:
+    """What ``train.grad_accum_steps`` is derived from, checked first so that each error names its own key."""
+    ParallelConfig(dp=cfg.parallel.dp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
+                   dp_strategy=cfg.parallel.dp_strategy).validate(world_size())
+    for key in ("micro_batch_size", "global_batch_size"):
+        value = cfg.train[key]
+        require(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
 
 
 def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:

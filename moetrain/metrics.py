@@ -25,22 +25,30 @@ def memory_gb(device: torch.device) -> float:
 class MetricsLogger:
     def __init__(self, cfg: LoggingConfig, run_dir: Path, total_steps: int, enabled: bool, job_config: dict):
         self.cfg, self.total_steps, self.enabled = cfg, total_steps, enabled
+        self.run_dir, self.job_config = Path(run_dir), job_config
         self.start, self.start_step = time.perf_counter(), 0
         self._jsonl = None
         self._wandb = None
-        if not enabled:
-            return
-        if cfg.jsonl:
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-            import wandb
-
-            self._wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
-                                     mode=cfg.wandb.mode, dir=str(run_dir), config=job_config)
 
     def begin(self, step: int) -> None:
-        """Start the ETA clock at ``step`` (0, or the step a run resumes from)."""
+        """Open the sinks once the run starts at ``step`` (0, or the step it resumes from), and start the ETA clock.
+
+        Records of steps after ``step`` (logged by an earlier attempt after its last checkpoint) are moved out of
+        metrics.jsonl into metrics.replaced.jsonl, so metrics.jsonl holds each trained step once.
+        """
         self.start, self.start_step = time.perf_counter(), step
+        if not self.enabled or self._jsonl is not None or self._wandb is not None:
+            return
+        if self.cfg.jsonl:
+            path = self.run_dir / "metrics.jsonl"
+            _move_records_after(path, step, self.run_dir / "metrics.replaced.jsonl")
+            self._jsonl = open(path, "a", buffering=1)
+        if self.cfg.wandb.enabled and self.cfg.wandb.mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
+                                     name=self.cfg.wandb.name, mode=self.cfg.wandb.mode, dir=str(self.run_dir),
+                                     config=self.job_config)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -50,8 +58,8 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=step)
-        if self.cfg.console:
-            print(self._console_line(step, record), file=sys.stdout, flush=True)
+        if self.cfg.console:  # formatted from the numbers themselves: nan and inf print as such
+            print(self._console_line(step, metrics), file=sys.stdout, flush=True)
 
     def _console_line(self, step: int, r: dict) -> str:
         done = step / self.total_steps
@@ -72,8 +80,30 @@ class MetricsLogger:
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
+            self._jsonl = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
+
+
+def _move_records_after(path: Path, step: int, replaced: Path) -> None:
+    """Keep the records of steps <= ``step`` in ``path`` (rewritten atomically); append the rest to ``replaced``."""
+    if not path.exists():
+        return
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            later = json.loads(line).get("step", 0) > step
+        except (json.JSONDecodeError, AttributeError):
+            later = True  # a torn last line of a crashed run
+        (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
+    if not moved:
+        return
+    with open(replaced, "a") as f:
+        f.writelines(moved)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def _plain(v):

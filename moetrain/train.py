@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import math
+import os
 import random
+import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,11 +26,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moetrain.checkpoint import CheckpointManager
+from moetrain.checkpoint import CheckpointError, CheckpointManager
 from moetrain.config import JobConfig, register_configs, to_job_config
 from moetrain.data import Blend, DataLoader, build_sources, make_batch
 from moetrain.metrics import MetricsLogger, log_text, memory_gb
-from moetrain.model import build_model, collect_expert_counts, init_weights, update_expert_bias
+from moetrain.data.indexed import ShardError
+from moetrain.model import ConfigError, build_model, collect_expert_counts, init_weights, update_expert_bias
 from moetrain.model.balance import collect_balance_loss
 from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
@@ -33,7 +39,12 @@ from moetrain.parallel.dist import DistInfo, all_reduce_sum, destroy, init_distr
 from moetrain.parallel.recompute import apply_recompute
 from moetrain.plan import peak_tflops, training_flops_per_token
 from moetrain.resources import conf_dir
+from moetrain.run_dir import RunDirLock, RunDirLocked
 from moetrain.schedules import bias_update_speed_at, global_batch_at, lr_at, mtp_lambda_at
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stayed non-finite for train.max_nonfinite_steps steps."""
 
 
 def seed_everything(seed: int) -> None:
@@ -50,9 +61,17 @@ class Trainer:
         self.dp = job.parallel.data_parallel_size(self.dist.world_size)
         self.run_dir = Path(job.run.dir)
         self.is_main = self.dist.is_main
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(job), self.run_dir / "config.yaml")
+        self._created_run_dir = self.is_main and not self.run_dir.exists()
+        self._lock = self._lock_run_dir()
+        self._started = False  # set once the first step runs; a run refused before that leaves no trace
+        try:
+            self._setup()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _setup(self) -> None:
+        job = self.job
         seed_everything(job.train.seed)
         self.compute_dtype = self._compute_dtype()
 
@@ -71,6 +90,7 @@ class Trainer:
         self.ckpt = CheckpointManager(job.checkpoint.dir, job.checkpoint.keep_last, self.dist.rank,
                                       self.dist.world_size, self._log, job.checkpoint.async_save)
         self._stop_signal: int | None = None
+        self._nonfinite_steps = 0  # consecutive
         self._log(f"moetrain: {self.job.model.n_layers} layers, {_count(self.model) / 1e6:.2f}M parameters, "
                   f"{self.dp} data-parallel rank(s) on {name}, compute {self.compute_dtype}, "
                   f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
@@ -79,6 +99,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- checkpoints
     def resume_or_init(self) -> None:
         """Continue from checkpoint.resume, else start from checkpoint.init_from_hf, else from scratch."""
+        try:
+            self._resume_or_init()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _resume_or_init(self) -> None:
         path = self.ckpt.find_resume(self.job.checkpoint.resume)
         if path is not None:
             self._check_same_model(path)
@@ -86,8 +113,8 @@ class Trainer:
             if state.get("kind") == "model":
                 self._log(f"checkpoint: {path} holds weights only; training starts at step 0 from them")
                 return
+            self._check_same_data(path, state)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-            self.loader.load_state_dict(state["loader"])
             self._log(f"checkpoint: continuing after step {self.step} ({self.tokens_seen} tokens seen)")
         elif self.job.checkpoint.init_from_hf:
             self._init_from_hf(self.job.checkpoint.init_from_hf)
@@ -97,8 +124,35 @@ class Trainer:
         saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml").model)
         key = _architecture_mismatch(saved, self.job.model)
         if key:
-            raise ValueError(f"checkpoint.resume: {path} was saved with a different {key} than this run; "
-                             "use a new run.dir, checkpoint.resume=none, or the checkpoint's model settings")
+            raise ConfigError(key, f"checkpoint {path} was saved with a different value than this run's; use a "
+                                   "new run.dir, checkpoint.resume=none, or the checkpoint's model settings")
+
+    def _check_same_data(self, path: Path, state: dict) -> None:
+        """Refuse a resume whose data differs from the checkpoint's (the loader position would mean other
+        samples), unless checkpoint.allow_data_change; then continue at the same sample count."""
+        saved, mine = state.get("data"), self._data_identity()
+        differs = _data_mismatch(saved, mine) if saved is not None else None
+        loader_state = state["loader"]
+        if differs is None and saved is None:  # a checkpoint from before data identities: the loader checks
+            self.loader.load_state_dict(loader_state)
+            return
+        if differs is not None:
+            key, was, now = differs
+            if not self.job.checkpoint.allow_data_change:
+                raise ConfigError(key, f"checkpoint {path} was trained with {was}, this run has {now}; the data "
+                                       "position would select other samples. Restore it, or set "
+                                       "checkpoint.allow_data_change=true to continue at the same sample count")
+            self._warn(f"checkpoint: {key} changed since {path.name} ({was} -> {now}); continuing at sample "
+                       f"{loader_state['consumed']} of the new data order (checkpoint.allow_data_change=true)")
+            loader_state = {**loader_state, "seed": self.loader.seed, "blend": self.loader.blend_id}
+        self.loader.load_state_dict(loader_state)
+
+    def _data_identity(self) -> dict:
+        """What the loader position means: sequence length, order seed, split, and each source's contents."""
+        data = self.job.data
+        return {"train.seq_len": self.job.train.seq_len, "data.seed": data.seed, "data.val_fraction": data.val_fraction,
+                "data.paths": [[name, weight, len(samples), _contents_digest(samples.tokens)] for (name, weight),
+                               samples in zip(self.sources.blend_id, self.sources.samples)]}
 
     def _init_from_hf(self, hf_dir: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -122,9 +176,55 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = {"kind": "train", "step": self.step, "tokens_seen": self.tokens_seen,
-                 "loader": self.loader.state_dict()}
+                 "loader": self.loader.state_dict(), "data": self._data_identity()}
         self.ckpt.save(self.step, self.model, self.optimizer, state,
                        OmegaConf.to_yaml(OmegaConf.structured(self.job)))
+
+    # ---------------------------------------------------------------------------------------------- run dir
+    def _lock_run_dir(self) -> RunDirLock | None:
+        """Rank 0 takes the run directory's lock before writing anything; every rank learns if it failed."""
+        lock, refusal = None, None
+        if self.is_main:
+            try:
+                lock = RunDirLock(self.run_dir).acquire()
+            except RunDirLocked as e:
+                refusal = e
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor(float(refusal is not None), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and refusal is None:
+                refusal = RunDirLocked(f"run.dir {self.run_dir} is in use by another run (see rank 0)")
+        if refusal is not None:
+            raise refusal
+        if lock is not None and lock.stale_holder:
+            holder = lock.stale_holder
+            self._log(f"run.dir: taking over from a run that ended without releasing it (host {holder.get('host')}, "
+                      f"pid {holder.get('pid')})")
+        return lock
+
+    def _start(self) -> None:
+        """The run is accepted: record its resolved config (only now, so a refused run overwrites nothing)."""
+        if self.is_main and not self._started:
+            tmp = self.run_dir / "config.yaml.tmp"
+            OmegaConf.save(OmegaConf.structured(self.job), tmp)
+            os.replace(tmp, self.run_dir / "config.yaml")
+        self._started = True
+
+    def abandon(self) -> None:
+        """Release the run directory; if this run created it and never trained a step, remove it."""
+        if self._lock is not None:
+            self._lock.release()
+        if self._created_run_dir and not self._started:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _warn(self, message: str) -> None:
+        if self.is_main:
+            import warnings
+
+            warnings.warn(message, stacklevel=2)
+            self._log(f"WARNING: {message}")
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1 (Slurm's warning before the time limit): checkpoint at the next step, then exit."""
@@ -188,6 +288,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> list[float]:
         """Train until train.steps (or train.stop_at); returns the loss of every step run."""
+        try:
+            self._start()
+            return self._fit()
+        finally:
+            try:
+                self.ckpt.wait()  # a background save of an earlier (finite) step
+            finally:
+                self.metrics.close()
+                self.abandon()
+
+    def _fit(self) -> list[float]:
         job, losses = self.job, []
         last = job.train.steps if job.train.stop_at < 0 else min(job.train.stop_at, job.train.steps)
         self._install_signal_handlers()
@@ -202,8 +313,9 @@ class Trainer:
             validate = bool(job.train.val_interval) and self.step % job.train.val_interval == 0
             if validate:
                 stats["val_loss"] = self.validate()
-            if self.step % job.logging.interval == 0 or self.step == last or validate:
+            if self.step % job.logging.interval == 0 or self.step == last or validate or stats["skipped"]:
                 self._log_step(stats, step_seconds)
+            self._check_finite(stats)
             if self._stop_requested():
                 self._log(f"preemption: signal {self._stop_signal} received; checkpointing step {self.step} and exiting")
                 break
@@ -212,9 +324,24 @@ class Trainer:
                 saved_at = self.step
         if self.step != saved_at:
             self.save_checkpoint()
-        self.ckpt.wait()
-        self.metrics.close()
         return losses
+
+    def _check_finite(self, stats: dict) -> None:
+        """Count consecutive non-finite steps (their updates were skipped); stop after train.max_nonfinite_steps."""
+        if not stats["skipped"]:
+            self._nonfinite_steps = 0
+            return
+        self._nonfinite_steps += 1
+        limit = self.job.train.max_nonfinite_steps
+        what = f"loss {stats['loss']}, gradient norm {stats['grad_norm']}"
+        if self._nonfinite_steps < limit:
+            self._warn(f"step {self.step}: non-finite {what}; update skipped ({self._nonfinite_steps} of "
+                       f"train.max_nonfinite_steps={limit} in a row)")
+            return
+        raise TrainingDiverged(
+            f"training diverged at step {self.step}: non-finite {what} for {self._nonfinite_steps} step(s) in a row "
+            f"(train.max_nonfinite_steps={limit}); stopped without saving. The checkpoints in {self.ckpt.root} are "
+            "from finite steps: resume from one with a lower optim.lr, or raise train.max_nonfinite_steps")
 
     def train_step(self) -> dict:
         job, step = self.job, self.step
@@ -243,19 +370,23 @@ class Trainer:
                                      (bal if bal is not None else torch.zeros((), device=self.device))
                                      * mb.tokens.shape[0] / global_batch])
         grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-        counts = all_reduce_sum(collect_expert_counts(self.model).to(self.device))
-        maxvio = update_expert_bias(self.model, bias_update_speed_at(step, job.train), counts)
-        self.tokens_seen += global_batch * job.train.seq_len
-
         all_reduce_sum(sums)
         lm, mtp = (sums[0] / n_tokens).item(), (sums[1] / n_tokens).item()
         balance = sums[2].item()
         total = lm + (mtp_lambda * mtp if self.job.model.n_mtp_layers else 0.0)
+        # Every rank sees the same global sums and norm, so all skip together.
+        skipped = not (math.isfinite(total + balance) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        counts = all_reduce_sum(collect_expert_counts(self.model).to(self.device))
+        gamma = 0.0 if skipped else bias_update_speed_at(step, job.train)
+        maxvio = update_expert_bias(self.model, gamma, counts)
+        self.tokens_seen += global_batch * job.train.seq_len
         return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
-                "grad_norm": grad_norm, "maxvio": maxvio, "global_batch": global_batch, "mtp_lambda": mtp_lambda}
+                "grad_norm": grad_norm, "maxvio": maxvio, "global_batch": global_batch, "mtp_lambda": mtp_lambda,
+                "skipped": skipped}
 
     def _set_balance_loss_scale(self, scale: float) -> None:
         for m in self.model.modules():
@@ -334,6 +465,25 @@ def _architecture_mismatch(saved: dict, current, ignore: tuple[str, ...] = ()) -
     return None
 
 
+def _data_mismatch(saved: dict, mine: dict) -> tuple[str, object, object] | None:
+    """(key, saved value, this run's value) of the first data setting that differs, or None."""
+    for key in mine:
+        if saved.get(key) != mine[key]:
+            return key, saved.get(key), mine[key]
+    return None
+
+
+def _contents_digest(tokens) -> str | None:
+    """A prepared dataset's contents, from its manifest's shard checksums (None for in-memory tokens)."""
+    manifest = getattr(tokens, "manifest", None)
+    if manifest is None:
+        return None
+    h = hashlib.sha256()
+    for shard in manifest.shards:
+        h.update(f"{shard.name}:{shard.sha256_bin}:{shard.sha256_idx};".encode())
+    return h.hexdigest()[:16]
+
+
 def _entropy_note(entropy: float | None) -> str:
     return "" if entropy is None else f" (unigram entropy {entropy:.3f} nats)"
 
@@ -348,9 +498,9 @@ def _expert_bias_abs_mean(model) -> float:
 
 
 def run(job: JobConfig) -> list[float]:
-    trainer = Trainer(job)
-    trainer.resume_or_init()
     try:
+        trainer = Trainer(job)
+        trainer.resume_or_init()
         return trainer.fit()
     finally:
         destroy()
@@ -360,8 +510,79 @@ register_configs()
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(to_job_config(cfg))
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(to_job_config(cfg))
+    except Exception as e:  # here, not around Hydra, which would first print "Error executing job ..."
+        _exit_on_user_error(e)
+        raise
+
+
+# Exit statuses: 2 = refused before training (config, a busy run.dir), 1 = stopped by an error while running.
+_REFUSALS = (ConfigError, RunDirLocked)
+_RUN_ERRORS = (CheckpointError, ShardError, TrainingDiverged)
+
+
+def main() -> None:
+    """``moetrain train``: Hydra's entry, with user errors as one line and an exit status instead of a traceback
+    (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
+    global _FULL_ERROR
+    _FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us instead of Hydra's multi-line report
+    try:
+        _hydra_main()
+    except Exception as e:
+        _exit_on_user_error(e)
+        raise
+    finally:
+        if not _FULL_ERROR:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+_FULL_ERROR = False
+
+
+def _exit_on_user_error(e: Exception) -> None:
+    """Print a user error as one line (rank 0 for config errors, the failing rank otherwise) and exit."""
+    status, message = _user_error(e)
+    if status is None or _FULL_ERROR:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or status == 1:  # config errors are the same on every rank; run errors may be one rank's
+        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"moetrain: {prefix}error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _user_error(e: BaseException) -> tuple[int | None, str]:
+    """(exit status, one-line message) of an error the user can act on, or (None, '') for a bug."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for cause in _causes(e):
+        if isinstance(cause, _REFUSALS):
+            return 2, _one_line(str(cause))
+        if isinstance(cause, _RUN_ERRORS):
+            return 1, _one_line(str(cause))
+    if isinstance(e, (HydraException, OmegaConfBaseException)):  # composition: a bad override or preset
+        text = str(e).split("Config search path:")[0].replace(":\n", ": ")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+        cause = e.__cause__
+        detail = [ln.strip() for ln in str(cause).splitlines() if ln.strip()][:1] if cause else []
+        text = "; ".join(ln for ln in lines + detail if not ln.startswith(("full_key:", "object_type", "reference_type")))
+        return 2, _one_line(f"{key}: {text}" if key else text)
+    return None, ""
+
+
+def _causes(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

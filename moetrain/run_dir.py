@@ -1,0 +1,80 @@
+"""The run directory belongs to one run at a time: an exclusive lock held by rank 0 for the run's life.
+
+The lock is ``flock`` on ``run.dir/.lock`` (kept by the kernel for the open file, so it is released when the
+process exits or dies, SIGKILL included; on NFS Linux maps it to a POSIX lock). The file also records the
+holder (host, pid, start time), so a refused run can name it, and a lock file left by a dead process is
+recognised as stale (the file exists but nobody holds the lock) and taken over.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+class RunDirLocked(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+class RunDirLock:
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+        self.stale_holder: dict | None = None  # set when a dead run's lock file was taken over
+
+    def acquire(self) -> "RunDirLock":
+        """Take the lock or raise :class:`RunDirLocked` naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(f)
+            f.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunDirLocked(
+                    f"run.dir {self.path.parent} is in use by another run (host {holder.get('host', '?')}, pid "
+                    f"{holder.get('pid', '?')}, since {holder.get('started', '?')}); wait for it to finish, stop it, "
+                    "or choose another run.dir") from None
+            raise RunDirLocked(f"run.dir {self.path.parent}: cannot lock {self.path} ({e.strerror}); the file "
+                               "system does not support locks, so two runs could share this directory") from e
+        previous = _read_holder(f)
+        if previous.get("pid") is not None:
+            self.stale_holder = previous  # it held the file, not the lock: its process is gone
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        """Drop the lock; the file stays empty so a later run does not mistake it for a stale holder."""
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.flush()
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+
+def _read_holder(f) -> dict:
+    f.seek(0)
+    try:
+        return json.loads(f.read() or "{}")
+    except json.JSONDecodeError:
+        return {}
