@@ -58,6 +58,11 @@ class ShardWriter:
         self.lengths.append(len(tokens))
         self.n_tokens += len(tokens)
 
+    def abandon(self) -> None:
+        """Drop the unfinished shard (its data never had a final name)."""
+        self._bin.close()
+        self._bin_tmp.unlink(missing_ok=True)
+
     def finalize(self) -> tuple[Path, Path]:
         self._bin.close()
         lengths = np.array(self.lengths, dtype=np.int32)
@@ -78,7 +83,12 @@ class ShardWriter:
 
 
 class IndexedShard:
-    """Read-only view of one shard: ``tokens`` (a memory map of .bin) and its document boundaries."""
+    """Read-only view of one shard: ``tokens`` (a memory map of .bin) and its document boundaries.
+
+    Every structural fact the reader relies on is checked on open, so a damaged pair of files raises
+    :class:`ShardError` naming the file rather than reading wrong tokens: the header, the exact .idx size, the
+    sequences lying back to back from byte 0 to the end of .bin, and the document indices.
+    """
 
     def __init__(self, prefix: str | os.PathLike):
         self.prefix = Path(prefix)
@@ -86,9 +96,10 @@ class IndexedShard:
         for p in (idx_path, bin_path):
             if not p.exists():
                 raise ShardError(f"{p}: missing shard file")
+        idx_bytes = idx_path.stat().st_size
+        if idx_bytes < _HEADER.size:  # also keeps np.memmap off an empty file (it cannot map 0 bytes)
+            raise ShardError(f"{idx_path}: truncated header ({idx_bytes} bytes)")
         raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        if len(raw) < _HEADER.size:
-            raise ShardError(f"{idx_path}: truncated header ({len(raw)} bytes)")
         magic, version, code, n_seq, n_doc = _HEADER.unpack(bytes(raw[:_HEADER.size]))
         if magic != MAGIC:
             raise ShardError(f"{idx_path}: bad magic {magic!r}, not a Megatron indexed dataset")
@@ -98,8 +109,11 @@ class IndexedShard:
             raise ShardError(f"{idx_path}: unknown dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
         expected = _HEADER.size + n_seq * 4 + n_seq * 8 + n_doc * 8
-        if len(raw) < expected:
-            raise ShardError(f"{idx_path}: truncated: {len(raw)} bytes, the header promises {expected}")
+        if idx_bytes < expected:
+            raise ShardError(f"{idx_path}: truncated: {idx_bytes} bytes, the header promises {expected}")
+        if idx_bytes > expected:  # a damaged count would otherwise shift every array that follows it
+            raise ShardError(f"{idx_path}: {idx_bytes} bytes, but its header ({n_seq} sequences, {n_doc} document "
+                             f"indices) describes {expected}")
         off = _HEADER.size
         self.lengths = np.frombuffer(raw, dtype=np.int32, count=n_seq, offset=off)
         self.offsets = np.frombuffer(raw, dtype=np.int64, count=n_seq, offset=off + 4 * n_seq)
@@ -107,14 +121,46 @@ class IndexedShard:
         bin_bytes = bin_path.stat().st_size
         if bin_bytes % self.dtype.itemsize:
             raise ShardError(f"{bin_path}: size {bin_bytes} is not a multiple of the token size {self.dtype.itemsize}")
-        end = int(self.offsets[-1]) + int(self.lengths[-1]) * self.dtype.itemsize if n_seq else 0
-        if end > bin_bytes or (n_seq and (self.lengths < 0).any()):
-            raise ShardError(f"{idx_path}: the index points past the end of {bin_path.name} "
-                             f"({end} > {bin_bytes} bytes): truncated .bin?")
+        end = self._check_sequences(idx_path, bin_path, bin_bytes)
+        self._check_documents(idx_path)
         # A plain ndarray over the memory map: same lazily-read pages, without np.memmap's per-slice overhead.
         self.tokens = np.asarray(np.memmap(bin_path, dtype=self.dtype, mode="r")) if bin_bytes \
             else np.zeros(0, self.dtype)
         self.n_tokens = end // self.dtype.itemsize
+
+    def _check_sequences(self, idx_path: Path, bin_path: Path, bin_bytes: int) -> int:
+        """The sequences tile .bin exactly (readers take the tokens as one stream); returns the end in bytes."""
+        lengths, offsets, size = self.lengths.astype(np.int64), self.offsets, self.dtype.itemsize
+        if (lengths < 0).any():
+            i = int(np.argmax(lengths < 0))
+            raise ShardError(f"{idx_path}: sequence {i} has a negative length {int(lengths[i])}")
+        if (offsets < 0).any() or (offsets % size).any():
+            i = int(np.argmax((offsets < 0) | (offsets % size != 0)))
+            raise ShardError(f"{idx_path}: sequence {i} has offset {int(offsets[i])}, not a token boundary in "
+                             f"{bin_path.name}")
+        if not len(lengths):
+            return 0
+        # offsets first: once they are at most bin_bytes, adding the lengths cannot overflow int64
+        ends = offsets + lengths * size if (offsets <= bin_bytes).all() else offsets
+        if (ends > bin_bytes).any():
+            i = int(np.argmax(ends > bin_bytes))
+            raise ShardError(f"{idx_path}: the index points past the end of {bin_path.name} (sequence {i} reaches "
+                             f"byte {int(ends[i])} > {bin_bytes} bytes): truncated .bin?")
+        if offsets[0] != 0 or (offsets[1:] != ends[:-1]).any():
+            i = 0 if offsets[0] != 0 else 1 + int(np.argmax(offsets[1:] != ends[:-1]))
+            raise ShardError(f"{idx_path}: sequence {i} starts at byte {int(offsets[i])}, not where the one before "
+                             f"it ends: a corrupt index")
+        if int(ends[-1]) != bin_bytes:
+            raise ShardError(f"{idx_path}: describes {int(ends[-1])} bytes of tokens, but {bin_path.name} holds "
+                             f"{bin_bytes}")
+        return int(ends[-1])
+
+    def _check_documents(self, idx_path: Path) -> None:
+        """Document indices run from 0 to the sequence count without going back (Megatron's contract)."""
+        docs = self.document_indices
+        if not len(docs) or docs[0] != 0 or docs[-1] != len(self.lengths) or (np.diff(docs) < 0).any():
+            raise ShardError(f"{idx_path}: document indices {docs[:3].tolist()}...{docs[-2:].tolist()} do not run "
+                             f"from 0 to the sequence count {len(self.lengths)} in order")
 
     def __len__(self) -> int:
         return len(self.lengths)

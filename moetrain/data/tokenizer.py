@@ -7,6 +7,7 @@ import numpy as np
 
 class ByteTokenizer:
     name = "moetrain-bytes"
+    fingerprint = "moetrain-bytes-v1"  # fixed: nothing on disk to hash; bump if the mapping ever changes
     eos_id = 256
     vocab_size = 257
 
