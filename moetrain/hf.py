@@ -165,26 +165,59 @@ def _block_has(name: str, cfg: ModelConfig, is_dense: bool) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------- import
+class HFFormatError(ValueError):
+    """A Hugging Face checkpoint directory that cannot be read; the message names the file and what is wrong."""
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        data = json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFFormatError(f"{f}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise HFFormatError(f"{f}: not a JSON object")
+    return data
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name, each shard a plain file name inside the index's directory."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise HFFormatError(f"{index}: no \"weight_map\" object mapping tensor names to shard file names")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise HFFormatError(f"{index}: weight_map names {shard!r}, not a file name inside {index.parent}")
+    return weight_map
+
+
+def _open_shard(f: Path, named_by: str):
+    from safetensors import safe_open
+
+    if not f.is_file():
+        raise HFFormatError(f"{f} is missing ({named_by})" if named_by else f"{f} is missing")
+    try:
+        return safe_open(f, "pt")
+    except Exception as e:  # safetensors' own error type, for a header that does not parse
+        raise HFFormatError(f"{f} is not a safetensors file ({e})") from e
+
+
 class SafetensorsDir:
     """Lazy reader of a HF checkpoint directory (single file or sharded with an index)."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
-            weight_map = {}
-            for f in files:
-                with safe_open(f, "pt") as h:
-                    weight_map.update({k: f.name for k in h.keys()})
-        self.weight_map = weight_map
-        self._handles = {f: safe_open(self.path / f, "pt") for f in sorted(set(weight_map.values()))}
+            self.weight_map = _read_weight_map(index)
+            self._handles = {f: _open_shard(self.path / f, f"named in {index.name}'s weight_map")
+                             for f in sorted(set(self.weight_map.values()))}
+            return
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
+        self._handles = {f.name: _open_shard(f, "") for f in files}
+        self.weight_map = {k: name for name, h in self._handles.items() for k in h.keys()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -249,7 +282,7 @@ def from_hf_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
-    cfg = config_from_hf(json.loads(config_file.read_text()))
+    cfg = config_from_hf(_read_json(config_file))
     ckpt = SafetensorsDir(path)
     if cfg.n_mtp_layers and f"model.layers.{cfg.n_layers}.eh_proj.weight" not in ckpt:
         cfg.n_mtp_layers = 0  # transformers does not save MTP layers; DeepSeek's release does

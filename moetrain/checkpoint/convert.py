@@ -20,9 +20,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from moetrain.checkpoint.manager import load_model_weights, resolve_checkpoint, safe_reader, save_model_checkpoint
+from moetrain.checkpoint.manager import (CheckpointError, load_model_weights, resolve_checkpoint, safe_reader,
+                                         save_model_checkpoint)
 from moetrain.config import JobConfig
-from moetrain.hf import SafetensorsDir, cast_parameters, config_to_hf, from_hf_pretrained, to_hf_state_dict
+from moetrain.hf import (HFFormatError, SafetensorsDir, cast_parameters, config_to_hf, from_hf_pretrained,
+                         to_hf_state_dict)
 from moetrain.model import ModelConfig, build_model, init_weights
 
 
@@ -92,13 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--from-hf", nargs=2, metavar=("DIR", "OUT"))
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     args = p.parse_args(argv)
-    if args.to_hf:
-        ckpt = resolve_checkpoint(args.to_hf[0], warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
-        write_hf(load_checkpoint_model(ckpt), Path(args.to_hf[1]), int(args.max_shard_gb * 2**30))
-        print(f"convert: {ckpt} -> {args.to_hf[1]} (Hugging Face DeepSeek-V3 format)")
-    else:
-        from_hf(Path(args.from_hf[0]), Path(args.from_hf[1]))
-        print(f"convert: {args.from_hf[0]} -> {args.from_hf[1]} (moetrain checkpoint)")
+    try:
+        if args.to_hf:
+            ckpt = resolve_checkpoint(args.to_hf[0], warn=lambda m: print(f"WARNING: {m}", file=sys.stderr))
+            write_hf(load_checkpoint_model(ckpt), Path(args.to_hf[1]), int(args.max_shard_gb * 2**30))
+            print(f"convert: {ckpt} -> {args.to_hf[1]} (Hugging Face DeepSeek-V3 format)")
+        else:
+            from_hf(Path(args.from_hf[0]), Path(args.from_hf[1]))
+            print(f"convert: {args.from_hf[0]} -> {args.from_hf[1]} (moetrain checkpoint)")
+    except (CheckpointError, HFFormatError, OSError) as e:
+        # Bad input, not a bug: one line naming the file, exit status 2 (as for a bad command line).
+        print(f"moetrain convert: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 
