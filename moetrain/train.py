@@ -29,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from moetrain.checkpoint import CheckpointError, CheckpointManager
 from moetrain.config import JobConfig, register_configs, to_job_config
 from moetrain.data import Blend, DataLoader, build_sources, make_batch
-from moetrain.metrics import MetricsLogger, log_text, memory_gb
 from moetrain.data.indexed import ShardError
+from moetrain.hf import HFFormatError
+from moetrain.metrics import MetricsLogger, log_text, memory_gb
 from moetrain.model import ConfigError, build_model, collect_expert_counts, init_weights, update_expert_bias
 from moetrain.model.balance import collect_balance_loss
 from moetrain.model.moe import MoE
@@ -520,7 +521,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 # Exit statuses: 2 = refused before training (config, a busy run.dir), 1 = stopped by an error while running.
 _REFUSALS = (ConfigError, RunDirLocked)
-_RUN_ERRORS = (CheckpointError, ShardError, TrainingDiverged)
+_RUN_ERRORS = (CheckpointError, HFFormatError, ShardError, TrainingDiverged)
 
 
 def main() -> None:
