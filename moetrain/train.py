@@ -213,6 +213,10 @@ class Trainer:
             os.replace(tmp, self.run_dir / "config.yaml")
         self._started = True
 
+    def close(self) -> None:
+        """Release the run directory without training (``fit`` releases it itself when it ends)."""
+        self.abandon()
+
     def abandon(self) -> None:
         """Release the run directory; if this run created it and never trained a step, remove it."""
         if self._lock is not None:

@@ -72,6 +72,7 @@ def _assert_falls_back_naming(run_dir: Path, victim: Path) -> None:
     with pytest.warns(UserWarning, match=re.escape(str(victim))):
         trainer = _resume(run_dir)
     assert trainer.step == 2
+    trainer.close()  # the run directory's lock, for the next resume
     with pytest.raises(CheckpointError, match=re.escape(str(victim))):
         _resume(run_dir, f"checkpoint.resume={victim.parent}")
 
