@@ -32,11 +32,12 @@ from moetrain.data import Blend, DataLoader, build_sources, make_batch
 from moetrain.data.indexed import ShardError
 from moetrain.hf import HFFormatError
 from moetrain.metrics import MetricsLogger, log_text, memory_gb
-from moetrain.model import ConfigError, build_model, collect_expert_counts, init_weights, update_expert_bias
-from moetrain.model.balance import collect_balance_loss
+from moetrain.model import ConfigError, build_model, collect_expert_counts, update_expert_bias
+from moetrain.model.balance import pop_balance_loss
 from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
 from moetrain.parallel.dist import DistInfo, all_reduce_sum, destroy, init_distributed
+from moetrain.parallel.init import init_weights
 from moetrain.parallel.recompute import apply_recompute
 from moetrain.plan import peak_tflops, training_flops_per_token
 from moetrain.resources import conf_dir
@@ -370,9 +371,9 @@ class Trainer:
             (loss * grad_scale).backward()
             with torch.no_grad():
                 mtp = torch.stack(out.mtp_loss_sums).mean() if out.mtp_loss_sums else torch.zeros((), device=self.device)
-                bal = collect_balance_loss(self.model)
+                bal = pop_balance_loss(self.model)  # this micro-batch's value per layer
                 sums += torch.stack([out.lm_loss_sum.detach(), mtp.detach(),
-                                     (bal if bal is not None else torch.zeros((), device=self.device))
+                                     sum(bal.values(), torch.zeros((), device=self.device))
                                      * mb.tokens.shape[0] / global_batch])
         grad_norm = self._clip_gradients()
         all_reduce_sum(sums)
@@ -385,9 +386,9 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        counts = all_reduce_sum(collect_expert_counts(self.model).to(self.device))
+        layer_ids, counts_LE = collect_expert_counts(self.model)
         gamma = 0.0 if skipped else bias_update_speed_at(step, job.train)
-        maxvio = update_expert_bias(self.model, gamma, counts)
+        maxvio = update_expert_bias(self.model, gamma, (layer_ids, all_reduce_sum(counts_LE.to(self.device))))
         self.tokens_seen += global_batch * job.train.seq_len
         return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
                 "grad_norm": grad_norm, "maxvio": maxvio, "global_batch": global_batch, "mtp_lambda": mtp_lambda,

@@ -83,19 +83,25 @@ def test_bias_changes_choice_not_weights(tmp_path):
 
 
 def test_mtp_layers_after_main_layers_are_imported(tmp_path):
-    """DeepSeek's layout stores MTP module k as layer n_layers + k; check it against HF's own decoder layer."""
+    """DeepSeek's layout stores MTP module k as layer n_layers + k; check it against HF's own decoder layer.
+
+    h_0 is the main model's state after its final norm; every norm weight differs from 1, since with unit weights
+    the pre-norm variant gives the same result (hnorm is scale-invariant).
+    """
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
     cfg = transformers.DeepseekV3Config(**{**BASE, "num_mtp_layers": 1}, **V3_CASES["sigmoid-noq-1group-nonorm"])
     hf_model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf_model.model.norm.weight.uniform_(0.5, 1.5)
     hf_model.save_pretrained(tmp_path)
     L, D = cfg.num_hidden_layers, cfg.hidden_size
     # The MTP block: an HF decoder layer with index L, plus enorm/hnorm/eh_proj/shared_head.norm.
     mtp_layer = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3DecoderLayer(cfg, L).eval()
     with torch.no_grad():  # a bare layer is not initialised by transformers (its experts are torch.empty)
         for p in mtp_layer.parameters():
-            p.normal_(0, 0.1) if p.ndim >= 2 else p.fill_(1.0)
+            p.normal_(0, 0.1) if p.ndim >= 2 else p.uniform_(0.5, 1.5)
         mtp_layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
     extra = {f"model.layers.{L}.{k}": v.clone() for k, v in mtp_layer.state_dict().items()}
     extra.update({f"model.layers.{L}.enorm.weight": torch.rand(D) + 0.5, f"model.layers.{L}.hnorm.weight": torch.rand(D) + 0.5,
@@ -123,10 +129,17 @@ def test_mtp_layers_after_main_layers_are_imported(tmp_path):
             h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
         rms = lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))  # noqa: E731
         emb = hm.embed_tokens(tokens.roll(-1, 1))
-        x = torch.cat([rms(emb, extra[f"model.layers.{L}.enorm.weight"]), rms(h, extra[f"model.layers.{L}.hnorm.weight"])], -1)
-        x = x @ extra[f"model.layers.{L}.eh_proj.weight"].T
-        x = mtp_layer(x, attention_mask=mask, position_embeddings=pe, position_ids=pos)
-        logits = hf_model.lm_head(rms(x, extra[f"model.layers.{L}.shared_head.norm.weight"]))
         labels_1 = labels.roll(-1, 1)
-        ref = torch.nn.functional.cross_entropy(logits[0, :-1], labels_1[0, :-1], reduction="sum")
+
+        def depth_1_loss(h_0):
+            x = torch.cat([rms(emb, extra[f"model.layers.{L}.enorm.weight"]),
+                           rms(h_0, extra[f"model.layers.{L}.hnorm.weight"])], -1)
+            x = x @ extra[f"model.layers.{L}.eh_proj.weight"].T
+            x = mtp_layer(x, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+            logits = hf_model.lm_head(rms(x, extra[f"model.layers.{L}.shared_head.norm.weight"]))
+            return torch.nn.functional.cross_entropy(logits[0, :-1], labels_1[0, :-1], reduction="sum")
+
+        ref = depth_1_loss(rms(h, hm.norm.weight))
+        pre_norm = depth_1_loss(h)  # the superseded semantics
     torch.testing.assert_close(out.mtp_loss_sums[0], ref, rtol=1e-5, atol=1e-5)
+    assert (pre_norm - ref).abs() > 100 * 1e-5 * ref.abs(), (pre_norm, ref)

@@ -12,7 +12,7 @@ from moetrain.model.router import Router, sequence_balance_loss
 def _router(logits_TE: torch.Tensor, **cfg) -> Router:
     """A router whose gate returns exactly ``logits_TE`` for the identity input."""
     T, E = logits_TE.shape
-    r = Router(E, E, RouterConfig(**cfg))
+    r = Router(E, E, RouterConfig(**cfg), layer_id=0)
     with torch.no_grad():
         r.weight.copy_(torch.eye(E))
     return r
@@ -55,7 +55,7 @@ def test_group_score_is_sum_of_top2_with_bias():
 def test_at_most_topk_group_groups_used():
     torch.manual_seed(0)
     E, G, keep = 32, 8, 3
-    r = Router(16, E, RouterConfig(topk=6, n_group=G, topk_group=keep))
+    r = Router(16, E, RouterConfig(topk=6, n_group=G, topk_group=keep), layer_id=0)
     torch.nn.init.normal_(r.weight)
     with torch.no_grad():
         r.expert_bias.normal_(0, 0.2)
@@ -66,7 +66,7 @@ def test_at_most_topk_group_groups_used():
 
 
 def test_counts_only_in_training():
-    r = Router(8, 4, RouterConfig(topk=2))
+    r = Router(8, 4, RouterConfig(topk=2), layer_id=0)
     torch.nn.init.normal_(r.weight)
     r.eval()
     r(torch.randn(10, 8))
@@ -80,8 +80,8 @@ def test_sequence_balance_loss_formula_float64():
     torch.manual_seed(0)
     B, T, E, K, alpha = 3, 7, 6, 2, 1e-2
     scores = torch.rand(B, T, E, dtype=torch.float64)
-    idx = scores.topk(K, dim=-1).indices
-    got = sequence_balance_loss(scores, idx, alpha)
+    idx = scores.topk(K, dim=-1).indices  # eq. 18: the top-K of the unbiased scores over all experts
+    got = sequence_balance_loss(scores, K, alpha)
     ref = 0.0
     for b in range(B):  # the report's per-sequence definition, written out with loops
         total = 0.0
@@ -91,6 +91,6 @@ def test_sequence_balance_loss_formula_float64():
             total += f_i * p_i
         ref += alpha * total / B
     assert got.item() == pytest.approx(ref, rel=1e-12)
-    # Perfect balance with uniform scores gives alpha * 1.
-    uniform = torch.full((1, 4, 4), 0.5, dtype=torch.float64)
-    assert sequence_balance_loss(uniform, torch.tensor([[[0], [1], [2], [3]]]), 1.0).item() == pytest.approx(1.0)
+    # Perfect balance (token t prefers expert t, so every f_i = 1) gives alpha * sum_i P_i = alpha.
+    balanced = 0.5 + 0.1 * torch.eye(4, dtype=torch.float64)[None]
+    assert sequence_balance_loss(balanced, 1, 1.0).item() == pytest.approx(1.0)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_model, small_config
 from moetrain.config import OptimConfig, TrainConfig, compose, to_job_config
-from moetrain.model import collect_expert_counts
+from moetrain.model import collect_expert_counts, pop_balance_loss
 from moetrain.parallel.recompute import apply_recompute
 from moetrain.schedules import bias_update_speed_at, global_batch_at, lr_at, mtp_lambda_at
 from moetrain.train import Trainer
@@ -64,7 +64,13 @@ def test_recompute_gives_same_loss_gradients_and_counts(mode):
     for (name, p), q in zip(ref.named_parameters(), rec.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
     # The router's forward runs again during recomputation; tokens must be counted once.
-    assert torch.equal(collect_expert_counts(ref), collect_expert_counts(rec))
+    (ids_ref, counts_ref), (ids_rec, counts_rec) = collect_expert_counts(ref), collect_expert_counts(rec)
+    assert ids_ref == ids_rec == [1, 2] and counts_ref.sum() > 0 and torch.equal(counts_ref, counts_rec)
+    # The balance-loss metric accumulates per forward: recomputation must not add to it either.
+    bal_ref, bal_rec = pop_balance_loss(ref), pop_balance_loss(rec)
+    assert list(bal_ref) == list(bal_rec) == [1, 2]
+    for layer_id in bal_ref:
+        torch.testing.assert_close(bal_rec[layer_id], bal_ref[layer_id], rtol=1e-6, atol=0)
 
 
 def test_lr_schedules():
@@ -156,10 +162,12 @@ def test_bf16_autocast_keeps_router_in_fp32_and_tracks_fp32_loss():
     assert abs(low_loss - ref_loss) < 0.02 * ref_loss
 
 
-def test_compiled_blocks_match_eager():
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_compiled_blocks_match_eager(recompute):
     torch.manual_seed(0)
     cfg = small_config()
     eager, compiled = make_model(cfg), make_model(cfg)
+    apply_recompute(compiled, recompute)
     for block in list(compiled.layers.values()) + [m.block for m in compiled.mtp.values()]:
         block.compile()
     tokens = torch.randint(0, 64, (2, 16))
@@ -169,3 +177,9 @@ def test_compiled_blocks_match_eager():
         out.loss(out.n_tokens, 0.3).backward()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Compiled recomputation must not count tokens or balance losses twice either.
+    assert torch.equal(collect_expert_counts(eager)[1], collect_expert_counts(compiled)[1])
+    bal_eager, bal_compiled = pop_balance_loss(eager), pop_balance_loss(compiled)
+    assert list(bal_eager) == list(bal_compiled) == [1, 2]
+    for layer_id in bal_eager:
+        torch.testing.assert_close(bal_compiled[layer_id], bal_eager[layer_id], rtol=1e-5, atol=0)

@@ -1,8 +1,11 @@
-"""Auxiliary-loss-free load balancing: the per-step bias update and the MaxVio balance metric.
+"""Auxiliary-loss-free load balancing (per-step bias update, MaxVio) and the balance-loss metric.
+
+Balance state is keyed by global layer id (main blocks 0..n_layers-1, then MTP blocks), so a process that holds
+only some layers (a pipeline stage) reports and updates exactly its own rows.
 
 The update runs once per optimizer step, outside ``forward``, on the per-expert token counts of the whole global
-batch: ``b_i += gamma * sign(mean_load - load_i)``. Summing counts across ranks is the caller's job (the
-trainer all-reduces the [L, E] tensor from :func:`collect_expert_counts`), so this module stays process-free.
+batch: ``b_i += gamma * sign(mean_load - load_i)``. Summing counts across ranks is the caller's job (the trainer
+all-reduces the [L, E] tensor from :func:`collect_expert_counts`), so this module stays process-free.
 """
 
 from __future__ import annotations
@@ -10,20 +13,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moetrain.model.moe import MoE
 from moetrain.model.router import Router
+
+# (layer_ids, counts_LE): row l of counts_LE holds the per-expert token counts of global layer layer_ids[l].
+ExpertCounts = tuple[list[int], torch.Tensor]
+
+
+def _by_layer(modules: list, kind: str) -> list:
+    modules = sorted(modules, key=lambda m: m.layer_id)
+    ids = [m.layer_id for m in modules]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"two {kind} modules share a layer id: {ids}")
+    return modules
 
 
 def routers(model: nn.Module) -> list[Router]:
-    """Every router of the model (main blocks, then MTP blocks), in a stable order."""
-    return [m for m in model.modules() if isinstance(m, Router)]
+    """Every router of the model in ascending global layer id."""
+    return _by_layer([m for m in model.modules() if isinstance(m, Router)], "router")
 
 
-def collect_expert_counts(model: nn.Module) -> torch.Tensor:
-    """[L, E] fp32 token counts since the last reset, one row per router."""
+def collect_expert_counts(model: nn.Module) -> ExpertCounts:
+    """This process's fp32 token counts since the last update: (layer_ids ascending, counts_LE)."""
     rs = routers(model)
     if not rs:
-        return torch.zeros(0, 0)
-    return torch.stack([r.tokens_per_expert for r in rs])
+        return [], torch.zeros(0, 0)
+    return [r.layer_id for r in rs], torch.stack([r.tokens_per_expert for r in rs])
 
 
 def max_violation(counts_LE: torch.Tensor) -> torch.Tensor:
@@ -33,18 +48,21 @@ def max_violation(counts_LE: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, gamma: float, counts_LE: torch.Tensor | None = None) -> torch.Tensor:
+def update_expert_bias(model: nn.Module, gamma: float, counts: ExpertCounts | None = None) -> torch.Tensor:
     """Apply ``b += gamma * sign(mean - count)`` per layer, reset the counts, and return MaxVio per layer.
 
-    counts_LE: the global batch's counts (already summed over ranks); defaults to this process's counts.
+    counts: the global batch's counts (already summed over ranks), keyed like :func:`collect_expert_counts`, with
+    exactly this model's layers; defaults to this process's counts. MaxVio rows follow ``counts``' layer ids.
     """
-    rs = routers(model)
-    if counts_LE is None:
-        counts_LE = collect_expert_counts(model)
+    rs = {r.layer_id: r for r in routers(model)}
+    layer_ids, counts_LE = collect_expert_counts(model) if counts is None else counts
+    if sorted(layer_ids) != sorted(rs):
+        raise ValueError(f"expert counts are for layers {list(layer_ids)}, but this model routes in layers {list(rs)}")
     if not rs:
         return torch.zeros(0)
     counts_LE = counts_LE.to(torch.float32)
-    for r, counts_E in zip(rs, counts_LE):
+    for layer_id, counts_E in zip(layer_ids, counts_LE):
+        r = rs[layer_id]
         counts_E = counts_E.to(r.expert_bias.device)
         if gamma and r.cfg.selection_bias:
             r.expert_bias += gamma * torch.sign(counts_E.mean() - counts_E)
@@ -52,9 +70,13 @@ def update_expert_bias(model: nn.Module, gamma: float, counts_LE: torch.Tensor |
     return max_violation(counts_LE)
 
 
-def collect_balance_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the balance losses of the last forward pass over every MoE layer (detached), or None."""
-    from moetrain.model.moe import MoE
+def pop_balance_loss(model: nn.Module) -> dict[int, torch.Tensor]:
+    """{layer_id: detached sum of the sequence-wise balance losses of the forwards since the last call}, then reset.
 
-    losses = [m.last_balance_loss for m in model.modules() if isinstance(m, MoE) and m.last_balance_loss is not None]
-    return torch.stack(losses).sum() if losses else None
+    Layers without a balance loss in that window (alpha = 0, evaluation, no forward) are left out.
+    """
+    out = {}
+    for m in _by_layer([m for m in model.modules() if isinstance(m, MoE)], "MoE"):
+        if m.balance_loss_sum is not None:
+            out[m.layer_id], m.balance_loss_sum = m.balance_loss_sum, None
+    return out

@@ -1,18 +1,20 @@
-"""Building on the meta device and per-parameter initialisation.
+"""Building on the meta device and per-parameter initialisation, free of any layout.
 
 Every slice ``p[r]`` along dim 0 of every parameter draws from its own generator seeded by (seed, fully-qualified
 name, r). The initial model therefore does not depend on how it is sharded, staged or wrapped, and a rank that
-holds rows [a, b) of a parameter (FSDP2 shards dim 0) draws only those rows: a 671B model is initialised without
-any rank materialising a full tensor.
+holds some rows of a parameter draws only those: a 671B model is initialised without any rank materialising a full
+tensor. Distributed layouts write their rows through the ``write_param`` hook of :func:`init_weights`
+(:func:`moetrain.parallel.init.init_weights`); this module knows only plain tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-
 from moetrain.model.config import ModelConfig
 from moetrain.model.layers import RMSNorm
 from moetrain.model.rope import precompute_freqs_cis
@@ -36,8 +38,8 @@ def canonical_name(fqn: str) -> str:
     return fqn
 
 
-def draw_rows(fqn: str, shape: torch.Size, rows: range, std: float, seed: int) -> torch.Tensor:
-    """Rows ``rows`` (along dim 0) of the N(0, std^2) initial value of parameter ``fqn`` of ``shape``."""
+def draw_rows(fqn: str, shape: torch.Size, rows: Sequence[int], std: float, seed: int) -> torch.Tensor:
+    """Rows ``rows`` (along dim 0, in that order) of the N(0, std^2) initial value of parameter ``fqn`` of ``shape``."""
     base = (seed * _MIX + zlib.crc32(fqn.encode())) % 2**63
     out = torch.empty(len(rows), *shape[1:])
     gen = torch.Generator()
@@ -47,40 +49,40 @@ def draw_rows(fqn: str, shape: torch.Size, rows: range, std: float, seed: int) -
     return out
 
 
-def _local_rows(p: torch.Tensor) -> range | None:
-    """The dim-0 rows this rank holds of a DTensor sharded on dim 0 only (FSDP2), else None."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+def _ones_rows(shape: torch.Size, rows: Sequence[int]) -> torch.Tensor:
+    return torch.ones(len(rows), *shape[1:])
 
-    if not all(isinstance(pl, Shard) and pl.dim == 0 for pl in p.placements):
-        return None
-    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return range(offset[0], offset[0] + local_shape[0]) if local_shape else range(0)
+
+# write_param(p, rows_of): store p's initial value into p, where rows_of(rows) returns those dim-0 rows of it.
+ParamWriter = Callable[[torch.Tensor, Callable[[Sequence[int]], torch.Tensor]], None]
+
+
+def write_full(p: torch.Tensor, rows_of: Callable[[Sequence[int]], torch.Tensor]) -> None:
+    """The writer for plain tensors, which hold every row."""
+    if type(p.data) is not torch.Tensor:
+        raise TypeError(f"a {type(p.data).__name__} parameter needs a layout-aware writer: use "
+                        "moetrain.parallel.init.init_weights")
+    p.copy_(rows_of(range(p.shape[0])))
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+def init_weights(model: nn.Module, seed: int = 0, write_param: ParamWriter = write_full) -> nn.Module:
     """Norms to 1, every other parameter ~ N(0, init_std^2); expert biases and counts to 0; RoPE recomputed."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     std = _model_cfg(model).init_std
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
-            if isinstance(module, RMSNorm):
-                p.fill_(1.0)
-                continue
             fqn = canonical_name(f"{mod_name}.{p_name}" if mod_name else p_name)
-            if not isinstance(p, DTensor):
-                p.copy_(draw_rows(fqn, p.shape, range(p.shape[0]), std, seed))
-            elif (rows := _local_rows(p)) is not None:
-                p.to_local().copy_(draw_rows(fqn, p.shape, rows, std, seed))
-            else:  # other layouts: draw in full, keep this rank's part
-                full = draw_rows(fqn, p.shape, range(p.shape[0]), std, seed).to(p.device)
-                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
+            if isinstance(module, RMSNorm):
+                rows_of = functools.partial(_ones_rows, p.shape)
+            else:
+                rows_of = functools.partial(draw_rows, fqn, p.shape, std=std, seed=seed)
+            write_param(p, rows_of)
     for module in model.modules():
         if hasattr(module, "expert_bias"):
             module.expert_bias.zero_()
             module.tokens_per_expert.zero_()
+        if hasattr(module, "balance_loss_sum"):
+            module.balance_loss_sum = None
         if isinstance(module, Transformer):
             module.freqs_cis = precompute_freqs_cis(module.cfg).to(module.freqs_cis.device)
     return model

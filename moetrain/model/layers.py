@@ -1,14 +1,50 @@
-"""Small building blocks: RMSNorm and the SwiGLU feed-forward network.
+"""Small building blocks: RMSNorm, the SwiGLU feed-forward network, and the activation recomputation primitive.
 
 Shapes: B batch, T tokens per sequence, D model dim, F FFN width.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+# Per thread: autograd runs CUDA backward (and so recomputation) on its own threads, beside the next forwards.
+_recompute_state = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True while :func:`recomputed` re-runs a forward inside backward.
+
+    Forward side effects (token counts, balance-loss metrics) check it so that they happen once per real forward.
+    """
+    return getattr(_recompute_state, "active", False)
+
+
+@contextlib.contextmanager
+def _mark_recomputing():
+    prev, _recompute_state.active = is_recomputing(), True
+    try:
+        yield
+    finally:
+        _recompute_state.active = prev
+
+
+def _recompute_contexts():
+    return contextlib.nullcontext(), _mark_recomputing()
+
+
+@torch.compiler.disable(recursive=False)  # dynamo cannot trace a custom context_fn; fn itself still compiles
+def recomputed(fn, *args):
+    """``fn(*args)`` keeping only its inputs; backward re-runs it with :func:`is_recomputing` true.
+
+    Every activation recomputation of the model goes through here (wrappers applied from outside must do the same).
+    """
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +58,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._norm, x, use_reentrant=False)
+            return recomputed(self._norm, x)
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moetrain.model.config import ModelConfig
-from moetrain.model.layers import RMSNorm
+from moetrain.model.layers import RMSNorm, recomputed
 from moetrain.model.rope import apply_rope, softmax_scale
 
 
@@ -47,7 +46,7 @@ class MLA(nn.Module):
         q_in = x_BTD if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x_BTD))
         kv_c, k_pe = self.wkv_a(x_BTD).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.recompute_up_proj and torch.is_grad_enabled():
-            o = checkpoint(self._attend, q_in, kv_c, k_pe, freqs_cis, attn_mask, use_reentrant=False)
+            o = recomputed(self._attend, q_in, kv_c, k_pe, freqs_cis, attn_mask)
         else:
             o = self._attend(q_in, kv_c, k_pe, freqs_cis, attn_mask)
         return self.wo(o)

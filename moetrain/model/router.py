@@ -9,7 +9,8 @@ Naming convention for router quantities (T tokens, E routed experts, G groups, K
   ``norm_topk_prob``, then times ``routed_scaling_factor``).
 
 NOTE: ``expert_bias`` steers which experts are selected, never the gate weights; it is updated outside
-``forward`` (see :mod:`moetrain.model.balance`), while ``forward`` only counts tokens per expert.
+``forward`` (see :mod:`moetrain.model.balance`), while ``forward`` only counts tokens per expert. Both are keyed by
+``layer_id``, the global index of the block that holds the router (MTP blocks follow the main ones).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.model.config import RouterConfig
+from moetrain.model.layers import is_recomputing
 
 
 class Router(nn.Module):
-    def __init__(self, dim: int, n_routed_experts: int, cfg: RouterConfig):
+    def __init__(self, dim: int, n_routed_experts: int, cfg: RouterConfig, layer_id: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer_id = cfg, layer_id
         self.n_routed_experts = n_routed_experts
         self.weight = nn.Parameter(torch.empty(n_routed_experts, dim))
         # fp32 balance state: the bias is checkpointed; the counts cover the tokens since the last optimizer step.
@@ -45,8 +47,8 @@ class Router(nn.Module):
         if cfg.norm_topk_prob:
             topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight_TK = topk_weight_TK * cfg.routed_scaling_factor
-        # NOTE: under activation recomputation this forward runs again inside backward; count only once.
-        if self.training and torch._C._current_graph_task_id() == -1:
+        # NOTE: activation recomputation runs this forward again inside backward (is_recomputing): count once.
+        if self.training and not is_recomputing():
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_routed_experts)
         return topk_idx_TK, topk_weight_TK, scores_TE
@@ -64,17 +66,18 @@ class Router(nn.Module):
         return choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).flatten(-2)
 
 
-def sequence_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Sequence-wise balance loss of the V3 report, averaged over sequences.
+def sequence_balance_loss(scores_BTE: torch.Tensor, K: int, alpha: float) -> torch.Tensor:
+    """Sequence-wise balance loss of the V3 report (eqs. 17-20), averaged over sequences.
 
-    L = alpha * sum_i f_i P_i with, per sequence of T tokens, f_i = E / (K T) * #{t : i in topk(t)} and
+    L = alpha * sum_i f_i P_i with, per sequence of T tokens, f_i = E / (K T) * #{t : s_{t,i} in TopK(s_t, K)} and
     P_i = 1/T sum_t s'_{t,i}, where s' = scores normalised to sum 1 over all experts.
+    NOTE: f_i counts the top-K of the unbiased scores over all experts (eq. 18), not the routing choice, which the
+    selection bias and group limit steer.
     """
     B, T, E = scores_BTE.shape
-    K = topk_idx_BTK.shape[-1]
     with torch.no_grad():
         counts_BE = torch.zeros(B, E, device=scores_BTE.device, dtype=scores_BTE.dtype)
-        idx_BN = topk_idx_BTK.reshape(B, T * K)
+        idx_BN = scores_BTE.topk(K, dim=-1, sorted=False).indices.reshape(B, T * K)
         counts_BE.scatter_add_(1, idx_BN, torch.ones(idx_BN.shape, device=idx_BN.device, dtype=counts_BE.dtype))
         f_BE = counts_BE * (E / (K * T))
     p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moetrain.model.config import ModelConfig
-from moetrain.model.layers import MLP, RMSNorm
+from moetrain.model.layers import MLP, RMSNorm, recomputed
 from moetrain.model.mla import MLA, document_causal_mask
 from moetrain.model.moe import MoE
 from moetrain.model.rope import precompute_freqs_cis
@@ -36,12 +35,12 @@ class Block(nn.Module):
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         is_dense = layer_id < cfg.moe.first_k_dense_replace
-        self.ffn = MLP(cfg.dim, cfg.inter_dim) if is_dense else MoE(cfg)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim) if is_dense else MoE(layer_id, cfg)
         self.recompute = False  # full recomputation (set from outside): keep only the block's input
 
     def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor, attn_mask: torch.Tensor | None = None):
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x_BTD, freqs_cis, attn_mask, use_reentrant=False)
+            return recomputed(self._forward, x_BTD, freqs_cis, attn_mask)
         return self._forward(x_BTD, freqs_cis, attn_mask)
 
     def _forward(self, x_BTD, freqs_cis, attn_mask):
@@ -50,10 +49,12 @@ class Block(nn.Module):
 
 
 class MTPModule(nn.Module):
-    """Multi-token prediction module k: ``h_k = Block(eh_proj([enorm(Emb(t_{i+k})); hnorm(h_{k-1})]))``.
+    """Multi-token prediction module k: ``h_k = norm(Block(eh_proj([enorm(Emb(t_{i+k})); hnorm(h_{k-1})])))``.
 
+    h_0 is the main model's hidden state after its final norm, and h_k (after this module's own ``norm``) feeds
+    both the shared head and module k + 1, as in Megatron-LM and the engines that load DeepSeek's MTP weights.
     NOTE: the embedding comes first in the concatenation, as in DeepSeek's released weights (``eh_proj``);
-    embedding and output head are shared with the main model, ``norm`` is this module's own final norm.
+    embedding and output head are shared with the main model.
     """
 
     def __init__(self, layer_id: int, cfg: ModelConfig):
@@ -64,11 +65,10 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h_prev_BTD, emb_BTD, freqs_cis, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns h_k (input of module k + 1) and norm(h_k) (input of the shared head)."""
+    def forward(self, h_prev_BTD, emb_BTD, freqs_cis, attn_mask=None) -> torch.Tensor:
+        """h_prev_BTD is h_{k-1} (normed); returns h_k, the input of the shared head and of module k + 1."""
         x = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
-        h = self.block(x, freqs_cis, attn_mask)
-        return h, self.norm(h)
+        return self.norm(self.block(x, freqs_cis, attn_mask))
 
 
 @dataclass
@@ -117,16 +117,17 @@ class Transformer(nn.Module):
         h = self.embed(tokens_BT)
         for block in self.layers.values():
             h = block(h, freqs_cis, attn_mask)
-        logits = self.head(self.norm(h))
+        h = self.norm(h)  # h_0 of the MTP modules is the normed state too
+        logits = self.head(h)
         if labels_BT is None:
             return logits
         out = LMOutput(logits, _ce_sum(logits, labels_BT), n_tokens=(labels_BT != IGNORE_INDEX).sum())
         for k, mtp in enumerate(self.mtp.values(), start=1):
             # Position i sees Emb(t_{i+k}) and predicts t_{i+k+1}; the last k positions have no target.
-            h, h_normed = mtp(h, self.embed(tokens_BT.roll(-k, dims=1)), freqs_cis, attn_mask)
+            h = mtp(h, self.embed(tokens_BT.roll(-k, dims=1)), freqs_cis, attn_mask)
             labels_k = labels_BT.roll(-k, dims=1)
             labels_k[:, -k:] = IGNORE_INDEX
-            out.mtp_loss_sums.append(_ce_sum(self.head(h_normed), labels_k))
+            out.mtp_loss_sums.append(_ce_sum(self.head(h), labels_k))
         return out
 
 
