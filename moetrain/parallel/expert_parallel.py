@@ -96,7 +96,8 @@ class AllToAllDispatcher:
         send_splits, recv_splits, M, dropped = sizes[:P], sizes[P:2 * P], sizes[2 * P], sizes[2 * P + 1]
         self.last_dropped_fraction = dropped / (T * K) if T else 0.0
 
-        recv_RD = _AllToAll.apply(x_TD[order_S // K], recv_splits, send_splits, self.group)
+        # index_select, not x_TD[...]: its backward (index_add) is ~2.5x faster on CPU than indexing's index_put.
+        recv_RD = _AllToAll.apply(x_TD.index_select(0, order_S // K), recv_splits, send_splits, self.group)
         # Rows arrive source-major (each source's rows sorted by expert); the experts want them expert-major,
         # each expert's group starting at its padded offset.
         R = sum(recv_splits)
@@ -104,16 +105,15 @@ class AllToAllDispatcher:
                                                  recv_counts_PL.flatten(), output_size=R)
         perm_R = torch.argsort(local_expert_R, stable=True)
         expert_sorted_R = local_expert_R[perm_R]
-        start_L, padded_start_L = _exclusive_cumsum(counts_L), _exclusive_cumsum(padded_L)
-        dest_sorted_R = torch.arange(R, device=perm_R.device) - start_L[expert_sorted_R] + padded_start_L[
-            expert_sorted_R]
+        shift_L = _exclusive_cumsum(padded_L) - _exclusive_cumsum(counts_L)  # padding before each expert's group
+        dest_sorted_R = torch.arange(R, device=perm_R.device) + shift_L[expert_sorted_R]
         dest_R = torch.empty_like(perm_R).scatter_(0, perm_R, dest_sorted_R)
         tokens_MD = recv_RD.new_zeros(M, x_TD.shape[1]).index_copy(0, dest_R, recv_RD)
         return tokens_MD, padded_L, EPDispatchContext(order_S, dest_R, send_splits, recv_splits, topk_weight_TK)
 
     def combine(self, y_MD: torch.Tensor, ctx: EPDispatchContext) -> torch.Tensor:
         (T, K), D = ctx.topk_weight_TK.shape, y_MD.shape[1]
-        y_sent_SD = _AllToAll.apply(y_MD[ctx.dest_R], ctx.send_splits, ctx.recv_splits, self.group)
+        y_sent_SD = _AllToAll.apply(y_MD.index_select(0, ctx.dest_R), ctx.send_splits, ctx.recv_splits, self.group)
         # Zeros: a dropped copy adds nothing to its token. D spelled out: T may be 0 on this rank.
         y_TKD = y_sent_SD.new_zeros(T * K, D).index_copy(0, ctx.order_S, y_sent_SD).view(T, K, D)
         w_T1K = ctx.topk_weight_TK.to(y_MD.dtype).unsqueeze(1)
