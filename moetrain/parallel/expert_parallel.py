@@ -5,7 +5,8 @@ Swapped into ``MoE.dispatcher`` from outside (the model never imports torch.dist
 block ``[r*L, (r+1)*L)``, L = E/P, the layout DeepSpeed's and torchtitan's expert sharding use.
 
 Shapes: T tokens on this rank, K experts per token, N = T*K routed copies, D model dim, E experts, L = E/P local
-experts, P ep ranks, R rows received from all ranks, M = R plus per-expert padding (the rows the experts see).
+experts, P ep ranks, S copies sent (N less capacity drops), R rows received from all ranks, M = R plus per-expert
+padding (the rows the experts see).
 """
 
 from __future__ import annotations
