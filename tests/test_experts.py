@@ -52,3 +52,15 @@ def test_dispatch_combine_equals_dense_weighted_sum():
     out = d.combine(tokens * scale[expert_of_row, None], ctx)
     ref = torch.stack([sum(w[t, k] * scale[idx[t, k]] * x[t] for k in range(K)) for t in range(T)])
     torch.testing.assert_close(out, ref)
+
+
+def test_local_dispatcher_handles_a_rank_with_no_tokens():
+    from moetrain.model.dispatch import LocalDispatcher
+
+    dispatcher = LocalDispatcher(4)
+    x_TD = torch.zeros(0, 8, requires_grad=True)
+    tokens_ND, counts_E, ctx = dispatcher.dispatch(x_TD, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert tokens_ND.shape == (0, 8) and counts_E.tolist() == [0, 0, 0, 0]
+    out_TD = dispatcher.combine(tokens_ND * 2, ctx)
+    out_TD.sum().backward()
+    assert out_TD.shape == (0, 8) and x_TD.grad.shape == (0, 8)

@@ -40,6 +40,6 @@ class LocalDispatcher:
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         T, K = ctx.topk_weight_TK.shape
         y_unsorted_ND = torch.empty_like(y_ND).index_copy_(0, ctx.order_N, y_ND)
-        y_TKD = y_unsorted_ND.view(T, K, -1)
+        y_TKD = y_unsorted_ND.view(T, K, y_ND.shape[-1])  # D spelled out: -1 is ambiguous when T = 0
         w_T1K = ctx.topk_weight_TK.to(y_ND.dtype).unsqueeze(1)
         return torch.bmm(w_T1K, y_TKD).squeeze(1)
