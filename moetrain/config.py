@@ -51,24 +51,71 @@ class DataConfig:
         require(self.demo_bytes >= 10_000, f"{prefix}.demo_bytes", "must be at least 10000")
 
 
+DP_STRATEGIES = ("fsdp", "deepspeed", "ddp")
+ZERO_STAGES = (1, 2)  # ZeRO-3 shards parameters, which is what dp_strategy=fsdp does
+
+
 @dataclass
 class ParallelConfig:
-    dp: int = -1  # data-parallel ranks; -1 = world size / pp
-    pp: int = 1
-    ep: int = 1
-    dp_strategy: str = "fsdp"  # fsdp (FSDP2's fully_shard); DeepSpeed ZeRO comes with the data-parallel issue
+    """The layout of the job: world = pp x dp, and the dp data ranks = edp x ep (ep innermost, contiguous ranks).
 
-    def validate(self, world_size: int, prefix: str = "parallel") -> None:
+    :meth:`check_layout` refuses what can never work (it runs first, and :func:`build_mesh` reuses it);
+    :meth:`check_supported` refuses what the trainer does not implement yet.
+    """
+
+    dp: int = -1  # data-parallel ranks (each sees its own micro-batches); -1 = world size / pp
+    pp: int = 1  # pipeline stages; the outermost mesh dimension
+    ep: int = 1  # expert-parallel ranks: each dp rank holds n_routed_experts / ep experts; must divide dp
+    dp_strategy: str = "fsdp"  # fsdp (FSDP2's fully_shard) | deepspeed (ZeRO, no pp) | ddp
+    zero_stage: int = 1  # dp_strategy=deepspeed: 1 shards optimizer states, 2 also gradients
+    offload_optimizer: bool = False  # dp_strategy=deepspeed: keep optimizer states (and step) on the CPU
+
+    def validate(self, world_size: int, n_routed_experts: int | None = None, prefix: str = "parallel") -> None:
+        self.check_layout(world_size, n_routed_experts, prefix)
+        self.check_supported(prefix)
+
+    def check_layout(self, world_size: int, n_routed_experts: int | None = None, prefix: str = "parallel") -> None:
+        """Refuse a layout that no trainer could run, with the arithmetic (needs no process group)."""
         require(self.pp >= 1, f"{prefix}.pp", f"must be >= 1, got {self.pp}")
         require(self.ep >= 1, f"{prefix}.ep", f"must be >= 1, got {self.ep}")
         require(self.dp == -1 or self.dp >= 1, f"{prefix}.dp", f"must be >= 1 or -1 (all ranks / pp), got {self.dp}")
+        if self.dp == -1:
+            require(world_size % self.pp == 0, f"{prefix}.pp",
+                     f"the world size {world_size} is not divisible by pp={self.pp} "
+                     f"({world_size} % {self.pp} = {world_size % self.pp})")
+        else:
+            require(self.dp * self.pp == world_size, f"{prefix}.dp",
+                     f"dp * pp = {self.dp} * {self.pp} = {self.dp * self.pp} must equal the world size {world_size} "
+                     "(or set parallel.dp=-1)")
+        dp = self.data_parallel_size(world_size)
+        require(dp % self.ep == 0, f"{prefix}.ep",
+                 f"ep={self.ep} does not divide the data-parallel size dp={dp} "
+                 f"(= world size {world_size} / pp {self.pp})")
+        if n_routed_experts is not None:
+            require(n_routed_experts % self.ep == 0, "model.moe.n_routed_experts",
+                     f"{n_routed_experts} experts cannot be split over ep={self.ep} ranks "
+                     f"({n_routed_experts} % {self.ep} = {n_routed_experts % self.ep})")
+        self._check_strategy(prefix)
+
+    def _check_strategy(self, prefix: str) -> None:
+        require(self.dp_strategy in DP_STRATEGIES, f"{prefix}.dp_strategy",
+                 f"must be one of {', '.join(DP_STRATEGIES)}, got {self.dp_strategy!r}")
+        require(self.zero_stage in ZERO_STAGES, f"{prefix}.zero_stage",
+                 f"must be 1 or 2, got {self.zero_stage} (for ZeRO-3 sharding use parallel.dp_strategy=fsdp)")
+        require(not self.offload_optimizer or self.dp_strategy == "deepspeed", f"{prefix}.offload_optimizer",
+                 f"only dp_strategy=deepspeed offloads the optimizer, got dp_strategy={self.dp_strategy}")
+        # NOTE: DeepSpeed pipelines only its own PipelineModule engine; moetrain's stages run
+        # torch.distributed.pipelining schedules, which a DeepSpeed ZeRO engine cannot drive.
+        require(self.dp_strategy != "deepspeed" or self.pp == 1, f"{prefix}.dp_strategy",
+                 f"deepspeed cannot run with pp={self.pp}: DeepSpeed's engine does not drive "
+                 "torch.distributed.pipelining stages; use parallel.dp_strategy=fsdp or parallel.pp=1")
+
+    def check_supported(self, prefix: str = "parallel") -> None:
+        """Refuse what the trainer does not implement yet (valid layouts the mesh can already be built for)."""
         require(self.pp == 1, f"{prefix}.pp", "pipeline parallelism is not available in this version; set parallel.pp=1")
         require(self.ep == 1, f"{prefix}.ep", "expert parallelism is not available in this version; set parallel.ep=1")
-        require(self.dp_strategy == "fsdp", f"{prefix}.dp_strategy", f"must be fsdp, got {self.dp_strategy!r}")
-        require(self.dp == -1 or self.dp * self.pp == world_size, f"{prefix}.dp",
-                 f"dp * pp = {self.dp} * {self.pp} must equal the world size {world_size} (or set dp=-1)")
-        require(self.dp != -1 or world_size % self.pp == 0, f"{prefix}.pp",
-                 f"the world size {world_size} is not divisible by pp={self.pp}")
+        require(self.dp_strategy == "fsdp", f"{prefix}.dp_strategy",
+                 f"the trainer implements only fsdp in this version, got {self.dp_strategy!r}")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.pp if self.dp == -1 else self.dp
@@ -219,7 +266,7 @@ class JobConfig:
 
     def validate(self, world_size: int = 1) -> "JobConfig":
         _require_finite(self, "")
-        self.parallel.validate(world_size)
+        self.parallel.validate(world_size, self.model.moe.n_routed_experts)
         self.model.validate("model")
         self.data.validate()
         self.precision.validate()
@@ -299,8 +346,8 @@ def to_job_config(cfg: DictConfig | dict[str, Any]) -> JobConfig:
 
 def _check_batch_layout(cfg: DictConfig) -> None:
     """What ``train.grad_accum_steps`` is derived from, checked first so that each error names its own key."""
-    ParallelConfig(dp=cfg.parallel.dp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
-                   dp_strategy=cfg.parallel.dp_strategy).validate(world_size())
+    parallel = ParallelConfig(**{f.name: cfg.parallel[f.name] for f in fields(ParallelConfig)})
+    parallel.validate(world_size(), cfg.model.moe.n_routed_experts)
     for key in ("micro_batch_size", "global_batch_size"):
         value = cfg.train[key]
         require(value >= 1, f"train.{key}", f"must be >= 1, got {value}")

@@ -38,6 +38,7 @@ from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
 from moetrain.parallel.dist import DistInfo, all_reduce_sum, destroy, init_distributed
 from moetrain.parallel.init import init_weights
+from moetrain.parallel.mesh import build_mesh
 from moetrain.parallel.recompute import apply_recompute
 from moetrain.plan import peak_tflops, training_flops_per_token
 from moetrain.resources import conf_dir
@@ -60,7 +61,8 @@ class Trainer:
         self.job = job
         self.dist = dist_info or init_distributed(job.train.device)
         self.device = self.dist.device
-        self.dp = job.parallel.data_parallel_size(self.dist.world_size)
+        self.mesh = build_mesh(job.parallel, self.dist.world_size, self.device.type)
+        self.dp = self.mesh.dp
         self.run_dir = Path(job.run.dir)
         self.is_main = self.dist.is_main
         self._created_run_dir = self.is_main and not self.run_dir.exists()
@@ -81,7 +83,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, job.optim)
         self.sources = self._build_sources()
         self.loader = DataLoader(self.sources.samples, self.sources.train_ranges, self.sources.weights, job.data.seed,
-                                 self.dist.rank % self.dp, self.dp, job.train.micro_batch_size,
+                                 self.mesh.dp_rank, self.dp, job.train.micro_batch_size,
                                  self.sources.blend_id, job.data.prefetch)
         self.step, self.tokens_seen = 0, 0
         self.flops_per_token = training_flops_per_token(job.model, job.train.seq_len)
@@ -264,7 +266,7 @@ class Trainer:
         if self.dp > 1:
             from moetrain.parallel.data_parallel import apply_fsdp
 
-            apply_fsdp(model, self.dp, self.device)
+            apply_fsdp(model, self.mesh.dp_mesh)
         model.to_empty(device=self.device)
         init_weights(model, job.train.seed)
         if job.train.compile:
@@ -421,7 +423,7 @@ class Trainer:
         blend = Blend([self.sources.val_ranges[i] for i in held_out], [self.sources.weights[i] for i in held_out],
                       seed=0)
         self.model.eval()
-        micro, rank = self.job.train.micro_batch_size, self.dist.rank % self.dp
+        micro, rank = self.job.train.micro_batch_size, self.mesh.dp_rank
         total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for i in range(self.job.train.val_batches):
             src, sample = blend.lookup_many((i * self.dp + rank) * micro, micro)
