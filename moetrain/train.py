@@ -68,11 +68,8 @@ class Trainer:
         self._created_run_dir = self.is_main and not self.run_dir.exists()
         self._lock = self._lock_run_dir()
         self._started = False  # set once the first step runs; a run refused before that leaves no trace
-        try:
+        with self._abandon_on_error():
             self._setup()
-        except BaseException:
-            self.abandon()
-            raise
 
     def _setup(self) -> None:
         job = self.job
@@ -103,11 +100,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- checkpoints
     def resume_or_init(self) -> None:
         """Continue from checkpoint.resume, else start from checkpoint.init_from_hf, else from scratch."""
-        try:
+        with self._abandon_on_error():
             self._resume_or_init()
-        except BaseException:
-            self.abandon()
-            raise
 
     def _resume_or_init(self) -> None:
         path = self.ckpt.find_resume(self.job.checkpoint.resume)
@@ -215,6 +209,15 @@ class Trainer:
             OmegaConf.save(OmegaConf.structured(self.job), tmp)
             os.replace(tmp, self.run_dir / "config.yaml")
         self._started = True
+
+    @contextlib.contextmanager
+    def _abandon_on_error(self):
+        """A refusal or failure before the first step releases (and, if this run made it, removes) run.dir."""
+        try:
+            yield
+        except BaseException:
+            self.abandon()
+            raise
 
     def close(self) -> None:
         """Release the run directory without training (``fit`` releases it itself when it ends)."""
