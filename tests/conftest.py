@@ -10,6 +10,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from moetrain.model import MLAConfig, ModelConfig, MoEConfig, RouterConfig, build_model, init_weights  # noqa: E402
 
 
+# Overrides for a seconds-long tiny run on the demo data (trainer, checkpoint and bad-input tests).
+SMALL_RUN = ["logging.console=false", "train.val_interval=0", "data.demo_bytes=200000", "train.seq_len=64",
+             "train.global_batch_size=8", "train.micro_batch_size=4", "logging.interval=1"]
+
+
+def small_job(run_dir, *overrides):
+    """The composed, validated config of a small run in ``run_dir``, as ``moetrain train`` would build it."""
+    from moetrain.config import compose, to_job_config
+
+    return to_job_config(compose([f"run.dir={run_dir}", *SMALL_RUN, *overrides]))
+
+
 def small_config(**router) -> ModelConfig:
     """A 2-layer model small enough for float64 checks: 8 experts in 4 groups, MTP depth 1."""
     r = dict(topk=2, n_group=4, topk_group=2)

@@ -20,20 +20,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from conftest import SMALL_RUN, small_job
+
 from moetrain.checkpoint import convert
 from moetrain.checkpoint.convert import load_checkpoint_model, write_hf
 from moetrain.checkpoint.integrity import COMPLETE, read_marker, verify_complete, write_complete_marker
 from moetrain.checkpoint.manager import CheckpointError, resolve_checkpoint
-from moetrain.config import compose, to_job_config
 from moetrain.train import Trainer
 
-SMALL = ["logging.console=false", "train.val_interval=0", "data.demo_bytes=200000", "train.seq_len=64",
-         "train.global_batch_size=8", "train.micro_batch_size=4", "logging.interval=1"]
 STEP2, STEP4 = "step_00000002", "step_00000004"
 
 
 def _trainer(run_dir, *overrides):
-    return Trainer(to_job_config(compose([f"run.dir={run_dir}", *SMALL, "train.steps=6", *overrides])))
+    return Trainer(small_job(run_dir, "train.steps=6", *overrides))
 
 
 def _resume(run_dir, *overrides):
@@ -252,7 +251,7 @@ def test_file_size_limit_during_save_is_named_and_keeps_previous(run):
 
 def test_ctrl_c_during_save_reports_and_keeps_previous(run):
     root = run / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "moetrain", "train", f"run.dir={run}", *SMALL, "train.steps=6"],
+    proc = subprocess.Popen([sys.executable, "-m", "moetrain", "train", f"run.dir={run}", *SMALL_RUN, "train.steps=6"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "MOETRAIN_FAULT_INJECT": "sleep_during_save"})
     try:

@@ -9,10 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+
+from conftest import SMALL_RUN, small_job
 
 from moetrain.checkpoint.manager import list_checkpoints
 from moetrain.config import compose, to_job_config
@@ -20,16 +21,10 @@ from moetrain.model import ConfigError
 from moetrain.run_dir import RunDirLock, RunDirLocked
 from moetrain.train import Trainer, TrainingDiverged
 
-SMALL = ["logging.console=false", "train.val_interval=0", "data.demo_bytes=200000", "train.seq_len=64",
-         "train.global_batch_size=8", "train.micro_batch_size=4", "logging.interval=1"]
-
-
-def _job(run_dir, *overrides):
-    return to_job_config(compose([f"run.dir={run_dir}", *SMALL, *overrides]))
 
 
 def _trainer(run_dir, *overrides):
-    trainer = Trainer(_job(run_dir, *overrides))
+    trainer = Trainer(small_job(run_dir, *overrides))
     trainer.resume_or_init()
     return trainer
 
@@ -103,8 +98,8 @@ def test_second_run_on_a_run_dir_is_refused_naming_the_holder_and_a_dead_holder_
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirLocked, match=f"pid {holder.pid}"):
-            Trainer(_job(run_dir, "train.steps=2", "optim.lr=1e-3"))
-        proc = _cli("train", f"run.dir={run_dir}", *SMALL, "train.steps=2")
+            Trainer(small_job(run_dir, "train.steps=2", "optim.lr=1e-3"))
+        proc = _cli("train", f"run.dir={run_dir}", *SMALL_RUN, "train.steps=2")
         assert proc.returncode == 2 and f"pid {holder.pid}" in proc.stderr, proc.stderr
         assert (run_dir / "config.yaml").read_text() == config_before  # the refused runs wrote nothing
         assert (run_dir / "metrics.jsonl").read_text() == metrics_before
@@ -156,7 +151,7 @@ def test_tolerated_nonfinite_steps_skip_their_updates(tmp_path):
 
 
 def test_cli_divergence_is_one_line_with_exit_status_1(tmp_path):
-    proc = _cli("train", f"run.dir={tmp_path}", *SMALL, "optim.lr=1e30", "optim.warmup_steps=0", "train.steps=4")
+    proc = _cli("train", f"run.dir={tmp_path}", *SMALL_RUN, "optim.lr=1e30", "optim.warmup_steps=0", "train.steps=4")
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("moetrain: error: training diverged at step 2")
     assert "Traceback" not in proc.stderr

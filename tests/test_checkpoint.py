@@ -11,21 +11,16 @@ import time
 import pytest
 import torch
 
+from conftest import SMALL_RUN, small_job
+
 from moetrain.checkpoint.convert import load_checkpoint_model
 from moetrain.checkpoint.manager import list_checkpoints, resolve_checkpoint
-from moetrain.config import compose, to_job_config
 from moetrain.train import Trainer
 
-SMALL = ["logging.console=false", "train.val_interval=0", "data.demo_bytes=200000", "train.seq_len=64",
-         "train.global_batch_size=8", "train.micro_batch_size=4", "logging.interval=1"]
-
-
-def _job(run_dir, *overrides):
-    return to_job_config(compose([f"run.dir={run_dir}", *SMALL, *overrides]))
 
 
 def _run(run_dir, *overrides):
-    trainer = Trainer(_job(run_dir, *overrides))
+    trainer = Trainer(small_job(run_dir, *overrides))
     trainer.resume_or_init()
     return trainer, trainer.fit()
 
@@ -65,7 +60,7 @@ def test_async_save_resumes_like_sync(tmp_path):
 
 
 def _cli(run_dir, *overrides, env=None, wait=True):
-    cmd = [sys.executable, "-m", "moetrain", "train", f"run.dir={run_dir}", *SMALL, *overrides]
+    cmd = [sys.executable, "-m", "moetrain", "train", f"run.dir={run_dir}", *SMALL_RUN, *overrides]
     e = {**os.environ, **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
@@ -157,7 +152,7 @@ def test_malicious_metadata_is_refused(tmp_path):
 def test_reaching_a_saved_step_again_replaces_it_only_once_complete(tmp_path):
     _run(tmp_path, "train.steps=4", "checkpoint.interval=2")
     root = tmp_path / "checkpoints"
-    trainer = Trainer(_job(tmp_path, "train.steps=4", "checkpoint.interval=2",
+    trainer = Trainer(small_job(tmp_path, "train.steps=4", "checkpoint.interval=2",
                            f"checkpoint.resume={root / 'step_00000002'}"))
     trainer.resume_or_init()
     assert trainer.step == 2
@@ -169,6 +164,6 @@ def test_reaching_a_saved_step_again_replaces_it_only_once_complete(tmp_path):
 
 def test_resume_with_another_architecture_names_the_key(tmp_path):
     _run(tmp_path, "train.steps=1")
-    trainer = Trainer(_job(tmp_path, "train.steps=2", "model.moe.n_routed_experts=12", "model.moe.router.n_group=4"))
+    trainer = Trainer(small_job(tmp_path, "train.steps=2", "model.moe.n_routed_experts=12", "model.moe.router.n_group=4"))
     with pytest.raises(ValueError, match="model.moe.n_routed_experts"):
         trainer.resume_or_init()
