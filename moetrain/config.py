@@ -113,7 +113,6 @@ class ParallelConfig:
     def check_supported(self, prefix: str = "parallel") -> None:
         """Refuse what the trainer does not implement yet (valid layouts the mesh can already be built for)."""
         require(self.pp == 1, f"{prefix}.pp", "pipeline parallelism is not available in this version; set parallel.pp=1")
-        require(self.ep == 1, f"{prefix}.ep", "expert parallelism is not available in this version; set parallel.ep=1")
         require(self.dp_strategy == "fsdp", f"{prefix}.dp_strategy",
                  f"the trainer implements only fsdp in this version, got {self.dp_strategy!r}")
 

@@ -36,9 +36,10 @@ from moetrain.model import ConfigError, build_model, collect_expert_counts, upda
 from moetrain.model.balance import pop_balance_loss
 from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
-from moetrain.parallel.dist import DistInfo, all_reduce_sum, destroy, init_distributed
+from moetrain.parallel.data_parallel import clip_grad_norm
+from moetrain.parallel.dist import DistInfo, destroy, init_distributed
 from moetrain.parallel.init import init_weights
-from moetrain.parallel.mesh import build_mesh
+from moetrain.parallel.mesh import all_reduce_sum, build_mesh
 from moetrain.parallel.recompute import apply_recompute
 from moetrain.plan import peak_tflops, training_flops_per_token
 from moetrain.resources import conf_dir
@@ -93,7 +94,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._nonfinite_steps = 0  # consecutive
         self._log(f"moetrain: {self.job.model.n_layers} layers, {_count(self.model) / 1e6:.2f}M parameters, "
-                  f"{self.dp} data-parallel rank(s) on {name}, compute {self.compute_dtype}, "
+                  f"{self.dp} data-parallel rank(s) (ep {self.mesh.ep}) on {name}, compute {self.compute_dtype}, "
                   f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
                   f"tokens{_entropy_note(self.sources.unigram_entropy)}; run dir {self.run_dir}")
 
@@ -266,10 +267,14 @@ class Trainer:
         job = self.job
         model = build_model(job.model, "meta")
         apply_recompute(model, job.train.recompute)
+        if self.mesh.ep > 1:
+            from moetrain.parallel.expert_parallel import apply_expert_parallel
+
+            apply_expert_parallel(model, self.mesh.device_mesh["ep"])
         if self.dp > 1:
             from moetrain.parallel.data_parallel import apply_fsdp
 
-            apply_fsdp(model, self.mesh.dp_mesh)
+            apply_fsdp(model, self.mesh)
         model.to_empty(device=self.device)
         init_weights(model, job.train.seed)
         if job.train.compile:
@@ -360,20 +365,20 @@ class Trainer:
         micro_batches = [b.to(self.device) for b in self.loader.next_step(global_batch)]
         self.loader.prefetch(global_batch_at(self.tokens_seen + global_batch * job.train.seq_len, job.train, self.dp))
         # Normalise by the target tokens of the whole global batch, over all ranks.
-        n_tokens = all_reduce_sum(torch.tensor(float(sum(b.n_targets for b in micro_batches)), device=self.device))
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(b.n_targets for b in micro_batches)), device=self.device),
+                                  self.mesh.dp_group)
         lr = lr_at(step, job.optim, job.train.steps)
         set_lr(self.optimizer, lr)
         mtp_lambda = mtp_lambda_at(step, job.train)
-        # FSDP averages gradients over ranks; the losses here are already global sums, so undo the average.
-        grad_scale = float(self.dp)
-        self._set_balance_loss_scale(job.train.micro_batch_size / global_batch * grad_scale)
+        # The losses are global sums over n_tokens and the data-parallel wrappers sum gradients over ranks.
+        self._set_balance_loss_scale(job.train.micro_batch_size / global_batch)
 
         sums = torch.zeros(3, device=self.device)  # lm, mtp (lambda-free, mean over depths), balance
         for mb in micro_batches:
             with self._autocast():
                 out = self._forward(mb)
                 loss = out.loss(n_tokens, mtp_lambda)
-            (loss * grad_scale).backward()
+            loss.backward()
             with torch.no_grad():
                 mtp = torch.stack(out.mtp_loss_sums).mean() if out.mtp_loss_sums else torch.zeros((), device=self.device)
                 bal = pop_balance_loss(self.model)  # this micro-batch's value per layer
@@ -381,7 +386,7 @@ class Trainer:
                                      sum(bal.values(), torch.zeros((), device=self.device))
                                      * mb.tokens.shape[0] / global_batch])
         grad_norm = self._clip_gradients()
-        all_reduce_sum(sums)
+        all_reduce_sum(sums, self.mesh.dp_group)
         lm, mtp = (sums[0] / n_tokens).item(), (sums[1] / n_tokens).item()
         balance = sums[2].item()
         total = lm + (mtp_lambda * mtp if self.job.model.n_mtp_layers else 0.0)
@@ -393,7 +398,9 @@ class Trainer:
 
         layer_ids, counts_LE = collect_expert_counts(self.model)
         gamma = 0.0 if skipped else bias_update_speed_at(step, job.train)
-        maxvio = update_expert_bias(self.model, gamma, (layer_ids, all_reduce_sum(counts_LE.to(self.device))))
+        # Counts of the whole global batch, so that every rank applies the same bias update.
+        counts_LE = all_reduce_sum(counts_LE.to(self.device), self.mesh.dp_group)
+        maxvio = update_expert_bias(self.model, gamma, (layer_ids, counts_LE))
         self.tokens_seen += global_batch * job.train.seq_len
         return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
                 "grad_norm": grad_norm, "maxvio": maxvio, "global_batch": global_batch, "mtp_lambda": mtp_lambda,
@@ -405,12 +412,7 @@ class Trainer:
                 m.balance_loss_scale = scale
 
     def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.job.optim.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        return clip_grad_norm(list(self.model.parameters()), self.job.optim.grad_clip, self.mesh.dp_group)
 
     def _forward(self, batch):
         if self.job.data.document_mask:
@@ -438,7 +440,7 @@ class Trainer:
             total += out.lm_loss_sum.float()
             count += out.n_tokens
         self.model.train()
-        all_reduce_sum(total), all_reduce_sum(count)
+        all_reduce_sum(total, self.mesh.dp_group), all_reduce_sum(count, self.mesh.dp_group)
         return (total / count.clamp_min(1)).item()
 
     def _log_step(self, stats: dict, step_seconds: float) -> None:
@@ -455,6 +457,10 @@ class Trainer:
             tokens_seen=self.tokens_seen, global_batch=stats["global_batch"], mtp_lambda=stats["mtp_lambda"])
         if "val_loss" in stats:
             record["val_loss"] = stats["val_loss"]
+        if self.mesh.ep > 1:
+            from moetrain.parallel.expert_parallel import mean_routing_ranks_per_token
+
+            record["routing_ranks_per_token"] = mean_routing_ranks_per_token(self.model)
         self.metrics.log(self.step, record)
 
 

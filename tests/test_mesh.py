@@ -44,7 +44,6 @@ def test_impossible_layout_is_named_with_its_arithmetic(monkeypatch, world, over
 
 @pytest.mark.parametrize("overrides,key", [
     (["parallel.pp=2"], "parallel.pp"),
-    (["parallel.ep=2"], "parallel.ep"),
     (["parallel.dp_strategy=deepspeed", "parallel.zero_stage=2", "parallel.offload_optimizer=true"],
      "parallel.dp_strategy"),
 ])

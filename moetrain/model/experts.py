@@ -33,8 +33,13 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND holds counts_E[0] tokens of expert 0, then counts_E[1] of expert 1, ...; returns y_ND likewise."""
-        h_NF = F.silu(self.grouped_mm(x_ND, self.w1, counts_E)) * self.grouped_mm(x_ND, self.w3, counts_E)
-        return self.grouped_mm(h_NF, self.w2, counts_E)
+        w1, w3, w2 = self.local_weights()
+        h_NF = F.silu(self.grouped_mm(x_ND, w1, counts_E)) * self.grouped_mm(x_ND, w3, counts_E)
+        return self.grouped_mm(h_NF, w2, counts_E)
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) of the experts this process computes; expert parallelism returns its own slice."""
+        return self.w1, self.w3, self.w2
 
     def grouped_mm(self, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Per expert e: rows of x_NI belonging to e times w_EOI[e]^T. The seam FP8 providers override."""

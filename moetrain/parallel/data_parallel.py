@@ -1,19 +1,57 @@
-"""Data parallelism with FSDP2: each block and MTP module is one sharding unit, the root holds the ends."""
+"""Data parallelism with FSDP2: each block and MTP module is one sharding unit, the root holds the ends.
+
+Expert weights (DTensors sharded over ep by :func:`apply_expert_parallel`) are their own unit per MoE layer on the
+expert-data-parallel mesh (the ranks holding the same experts), as in torchtitan. Every unit sums gradients
+instead of averaging them: the losses are already global sums over the global target-token count, and the
+all-to-all backward has already brought every ep rank's tokens into an expert's gradient.
+"""
 
 from __future__ import annotations
 
-from torch.distributed.device_mesh import DeviceMesh
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from moetrain.model.moe import MoE
 from moetrain.model.transformer import Transformer
+from moetrain.parallel.mesh import ParallelMesh
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh) -> None:
-    """Shard parameters, gradients and optimizer state over the 1-D ``mesh`` (the job mesh's flattened dp
-    dimension, :attr:`ParallelMesh.dp_mesh`), keeping fp32 master weights."""
+def apply_fsdp(model: Transformer, mesh: ParallelMesh) -> None:
+    """Shard parameters, gradients and optimizer state over the data-parallel ranks (fp32 master weights)."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.layers.values():
-        fully_shard(block, mesh=mesh)
-    for mtp in model.mtp.values():
-        fully_shard(mtp, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    units = []
+    if mesh.ep > 1:
+        edp_mesh = mesh.device_mesh["edp"]
+        units += [fully_shard(m.experts, mesh=edp_mesh) for m in model.modules() if isinstance(m, MoE)]
+    for block in list(model.layers.values()) + list(model.mtp.values()):
+        units.append(fully_shard(block, mesh=mesh.dp_mesh))
+    units.append(fully_shard(model, mesh=mesh.dp_mesh))
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)  # sum over ranks
+        # NOTE: plain SUM collectives (gloo has no PREMUL_SUM; NCCL transfers them zero-copy too).
+        unit.set_force_sum_reduction_for_comms(True)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group=None) -> float:
+    """One global gradient norm over every parameter, whatever mesh it is sharded on; clip to ``max_norm``.
+
+    FSDP2 shards dense parameters over dp and experts over (edp, ep): either way each rank holds a disjoint piece,
+    so the squared norms of the local pieces summed over the data-parallel ``group`` give the whole norm (torch's
+    clip_grad_norm_ cannot mix DTensors of different meshes). Plain tensors are replicated and counted once.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    replicated = [g for g in grads if not isinstance(g, DTensor)]
+    zero = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    sharded_sq = sum((g.float().pow(2).sum() for g in sharded), zero.clone())
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sharded_sq, group=group)
+    total = (sharded_sq + sum((g.float().pow(2).sum() for g in replicated), zero.clone())).sqrt()
+    if max_norm and total.isfinite():
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in sharded + replicated:
+            g.mul_(coef.to(g.dtype))
+    return float(total)

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from moetrain.model.experts import GroupedExperts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -77,9 +82,16 @@ class AllToAllDispatcher:
         self.n_local_experts = n_experts // self.ep_size
         self.ep_rank = dist.get_rank(ep_group)
         self.last_dropped_fraction = 0.0
+        # Distinct ep ranks per token, summed over dispatches since the trainer last read them (a metric).
+        self.ranks_per_token_sum: torch.Tensor | float = 0.0
+        self.ranks_per_token_calls = 0
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor):
         (T, K), E, L, P = topk_idx_TK.shape, self.n_experts, self.n_local_experts, self.ep_size
+        if T:
+            with torch.no_grad():
+                self.ranks_per_token_sum += routing_ranks_per_token(topk_idx_TK, E, P)
+            self.ranks_per_token_calls += 1
         flat_idx_N = topk_idx_TK.flatten()
         order_N = torch.argsort(flat_idx_N, stable=True)  # expert-major, so also destination-rank-major
         counts_E = _bincount(flat_idx_N, E)
@@ -148,3 +160,38 @@ def routing_ranks_per_token(topk_idx_TK: torch.Tensor, n_experts: int, ep: int) 
     rank_TK = topk_idx_TK // (n_experts // ep)
     hit_TP = torch.zeros(topk_idx_TK.shape[0], ep, dtype=torch.bool, device=topk_idx_TK.device)
     return hit_TP.scatter_(1, rank_TK, True).sum(1).float().mean()
+
+
+# ------------------------------------------------------------------------------------------- applying it
+class ExpertParallelExperts(GroupedExperts):
+    """GroupedExperts whose stacked weights are DTensors sharded over the ep ranks (``Shard(0)``): parameter names
+    and global shapes stay those of the model, so checkpoints reshard across ep sizes; the grouped GEMM runs on
+    this rank's block of experts."""
+
+    def local_weights(self):
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Give every MoE layer the all-to-all dispatcher and only its ep rank's experts (before FSDP, on meta)."""
+    from moetrain.model.moe import MoE
+
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        experts = moe.experts
+        for name in ("w1", "w2", "w3"):
+            full = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(distribute_tensor(full.data, ep_mesh, [Shard(0)]),
+                                                requires_grad=full.requires_grad))
+        experts.__class__ = ExpertParallelExperts
+        moe.dispatcher = AllToAllDispatcher(experts.n_experts, ep_mesh.get_group())
+
+
+def mean_routing_ranks_per_token(model: nn.Module) -> float | None:
+    """Mean over MoE layers of the distinct ep ranks a token was sent to since the last call (then reset)."""
+    values = []
+    for module in model.modules():
+        dispatcher = getattr(module, "dispatcher", None)
+        if isinstance(dispatcher, AllToAllDispatcher) and dispatcher.ranks_per_token_calls:
+            values.append(float(dispatcher.ranks_per_token_sum) / dispatcher.ranks_per_token_calls)
+            dispatcher.ranks_per_token_sum, dispatcher.ranks_per_token_calls = 0.0, 0
+    return sum(values) / len(values) if values else None
