@@ -36,11 +36,11 @@ from moetrain.model import ConfigError, build_model, collect_expert_counts, upda
 from moetrain.model.balance import pop_balance_loss
 from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
-from moetrain.parallel.data_parallel import clip_grad_norm
 from moetrain.parallel.dist import DistInfo, destroy, init_distributed
 from moetrain.parallel.init import init_weights
 from moetrain.parallel.mesh import all_reduce_sum, build_mesh
 from moetrain.parallel.recompute import apply_recompute
+from moetrain.parallel.strategy import build_strategy
 from moetrain.plan import peak_tflops, training_flops_per_token
 from moetrain.resources import conf_dir
 from moetrain.run_dir import RunDirLock, RunDirLocked
@@ -64,6 +64,7 @@ class Trainer:
         self.device = self.dist.device
         self.mesh = build_mesh(job.parallel, self.dist.world_size, self.device.type)
         self.dp = self.mesh.dp
+        self.strategy = build_strategy(job.parallel.dp_strategy, self.mesh)
         self.run_dir = Path(job.run.dir)
         self.is_main = self.dist.is_main
         self._created_run_dir = self.is_main and not self.run_dir.exists()
@@ -77,7 +78,8 @@ class Trainer:
         seed_everything(job.train.seed)
         self.compute_dtype = self._compute_dtype()
 
-        self.model = self._build_model()
+        self.model = self._build_model()  # the model itself: state dicts, balance state, metrics
+        self.module = self.strategy.wrap(self.model)  # what forward runs on (the model or its DDP wrapper)
         self.optimizer = build_optimizer(self.model, job.optim)
         self.sources = self._build_sources()
         self.loader = DataLoader(self.sources.samples, self.sources.train_ranges, self.sources.weights, job.data.seed,
@@ -271,10 +273,7 @@ class Trainer:
             from moetrain.parallel.expert_parallel import apply_expert_parallel
 
             apply_expert_parallel(model, self.mesh.device_mesh["ep"])
-        if self.dp > 1:
-            from moetrain.parallel.data_parallel import apply_fsdp
-
-            apply_fsdp(model, self.mesh)
+        self.strategy.parallelize(model)
         model.to_empty(device=self.device)
         init_weights(model, job.train.seed)
         if job.train.compile:
@@ -374,11 +373,13 @@ class Trainer:
         self._set_balance_loss_scale(job.train.micro_batch_size / global_batch)
 
         sums = torch.zeros(3, device=self.device)  # lm, mtp (lambda-free, mean over depths), balance
-        for mb in micro_batches:
-            with self._autocast():
-                out = self._forward(mb)
-                loss = out.loss(n_tokens, mtp_lambda)
-            loss.backward()
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.strategy.accumulating(self.module):
+                with self._autocast():
+                    out = self._forward(mb)
+                    loss = out.loss(n_tokens, mtp_lambda)
+                self.strategy.backward(loss)
             with torch.no_grad():
                 mtp = torch.stack(out.mtp_loss_sums).mean() if out.mtp_loss_sums else torch.zeros((), device=self.device)
                 bal = pop_balance_loss(self.model)  # this micro-batch's value per layer
@@ -412,12 +413,13 @@ class Trainer:
                 m.balance_loss_scale = scale
 
     def _clip_gradients(self) -> float:
-        return clip_grad_norm(list(self.model.parameters()), self.job.optim.grad_clip, self.mesh.dp_group)
+        self.strategy.finish_gradients(self.model)
+        return self.strategy.clip_grad_norm(self.model, self.job.optim.grad_clip)
 
     def _forward(self, batch):
         if self.job.data.document_mask:
-            return self.model(batch.tokens, batch.labels, *batch.document_positions())
-        return self.model(batch.tokens, batch.labels)
+            return self.module(batch.tokens, batch.labels, *batch.document_positions())
+        return self.module(batch.tokens, batch.labels)
 
     @torch.no_grad()
     def validate(self) -> float:

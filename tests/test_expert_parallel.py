@@ -1,4 +1,4 @@
-"""Expert parallelism with FSDP2 (real torchrun processes over gloo) reproduces the single-process run.
+"""Expert and data parallelism (FSDP2, DDP; real torchrun processes over gloo) reproduce the single-process run.
 
 Each layout trains the tiny model (8 experts, group-limited routing over 4 groups) for 3 optimizer steps on the
 same global batch: losses, gradient norms, every parameter and every router bias must equal one process's
@@ -54,15 +54,16 @@ def reference(tmp_path_factory):
     return ref, _train(ref, 1)
 
 
-@pytest.mark.parametrize("ep,dp", [(2, 2), (4, 4)])
-def test_expert_parallel_layout_matches_one_process(tmp_path, reference, ep, dp):
+@pytest.mark.parametrize("strategy,ep,dp", [("fsdp", 2, 2), ("fsdp", 4, 4), ("ddp", 1, 2), ("ddp", 2, 2)])
+def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, reference, strategy, ep, dp):
     ref_dir, ref = reference
-    records = _train(tmp_path, dp, f"parallel.ep={ep}")
+    records = _train(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}")
     _assert_close_records(records, ref)
     _assert_same_model(tmp_path, ref_dir)
     # Node-limited routing: with n_group = ep each group is one rank, so a token reaches <= topk_group ranks.
-    fan_out = [r["routing_ranks_per_token"] for r in records]
-    assert all(1.0 <= f <= (2.0 if ep == 4 else ep) for f in fan_out), fan_out
+    if ep > 1:
+        fan_out = [r["routing_ranks_per_token"] for r in records]
+        assert all(1.0 <= f <= (2.0 if ep == 4 else ep) for f in fan_out), fan_out
 
 
 def test_ep2_dp4_checkpoint_resumes_at_other_layouts(tmp_path, reference):
