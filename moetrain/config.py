@@ -69,6 +69,9 @@ class ParallelConfig:
     dp_strategy: str = "fsdp"  # fsdp (FSDP2's fully_shard) | deepspeed (ZeRO, no pp) | ddp
     zero_stage: int = 1  # dp_strategy=deepspeed: 1 shards optimizer states, 2 also gradients
     offload_optimizer: bool = False  # dp_strategy=deepspeed: keep optimizer states (and step) on the CPU
+    # ep > 1: None is dropless; c keeps at most ceil(c * T * K / E) copies per expert from each rank (the
+    # earliest tokens) and drops the rest, reported as dropped_fraction in metrics.jsonl.
+    capacity_factor: Optional[float] = None
 
     def validate(self, world_size: int, n_routed_experts: int | None = None, prefix: str = "parallel") -> None:
         self.check_layout(world_size, n_routed_experts, prefix)
@@ -102,6 +105,8 @@ class ParallelConfig:
                  f"must be one of {', '.join(DP_STRATEGIES)}, got {self.dp_strategy!r}")
         require(self.zero_stage in ZERO_STAGES, f"{prefix}.zero_stage",
                  f"must be 1 or 2, got {self.zero_stage} (for ZeRO-3 sharding use parallel.dp_strategy=fsdp)")
+        require(self.capacity_factor is None or self.capacity_factor > 0, f"{prefix}.capacity_factor",
+                 f"must be > 0, or null for dropless routing, got {self.capacity_factor}")
         require(not self.offload_optimizer or self.dp_strategy == "deepspeed", f"{prefix}.offload_optimizer",
                  f"only dp_strategy=deepspeed offloads the optimizer, got dp_strategy={self.dp_strategy}")
         # NOTE: DeepSpeed pipelines only its own PipelineModule engine; moetrain's stages run

@@ -272,7 +272,7 @@ class Trainer:
         if self.mesh.ep > 1:
             from moetrain.parallel.expert_parallel import apply_expert_parallel
 
-            apply_expert_parallel(model, self.mesh.device_mesh["ep"])
+            apply_expert_parallel(model, self.mesh.device_mesh["ep"], job.parallel.capacity_factor)
         self.strategy.parallelize(model)
         model.to_empty(device=self.device)
         init_weights(model, job.train.seed)
@@ -459,10 +459,11 @@ class Trainer:
             tokens_seen=self.tokens_seen, global_batch=stats["global_batch"], mtp_lambda=stats["mtp_lambda"])
         if "val_loss" in stats:
             record["val_loss"] = stats["val_loss"]
-        if self.mesh.ep > 1:
-            from moetrain.parallel.expert_parallel import mean_routing_ranks_per_token
+        if self.mesh.ep > 1:  # over every token of the steps since the last record, all ranks
+            from moetrain.parallel.expert_parallel import pop_dispatch_stats
 
-            record["routing_ranks_per_token"] = mean_routing_ranks_per_token(self.model)
+            ranks, tokens, dropped, copies = all_reduce_sum(pop_dispatch_stats(self.model), self.mesh.dp_group).tolist()
+            record.update(routing_ranks_per_token=ranks / max(tokens, 1), dropped_fraction=dropped / max(copies, 1))
         self.metrics.log(self.step, record)
 
 

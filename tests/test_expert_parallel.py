@@ -64,6 +64,14 @@ def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, reference
     if ep > 1:
         fan_out = [r["routing_ranks_per_token"] for r in records]
         assert all(1.0 <= f <= (2.0 if ep == 4 else ep) for f in fan_out), fan_out
+        assert all(r["dropped_fraction"] == 0.0 for r in records)  # dropless by default
+
+
+def test_capacity_factor_drops_and_reports_copies(tmp_path):
+    records = _train(tmp_path, 2, "parallel.ep=2", "parallel.capacity_factor=0.5", "train.steps=1")
+    # At most half of T*K/E copies per expert and rank fit: at least half of all copies are dropped.
+    assert 0.5 <= records[0]["dropped_fraction"] < 1.0, records[0]
+    assert all(k in records[0] for k in KEYS)
 
 
 def test_ep2_dp4_checkpoint_resumes_at_other_layouts(tmp_path, reference):

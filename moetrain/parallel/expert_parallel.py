@@ -82,16 +82,16 @@ class AllToAllDispatcher:
         self.n_local_experts = n_experts // self.ep_size
         self.ep_rank = dist.get_rank(ep_group)
         self.last_dropped_fraction = 0.0
-        # Distinct ep ranks per token, summed over dispatches since the trainer last read them (a metric).
-        self.ranks_per_token_sum: torch.Tensor | float = 0.0
-        self.ranks_per_token_calls = 0
+        # For metrics, since the trainer last read them (pop_dispatch_stats): distinct ep ranks summed over tokens,
+        # tokens, dropped copies, routed copies.
+        self._ranks_sum: torch.Tensor | float = 0.0
+        self._tokens = self._dropped = self._copies = 0
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor):
         (T, K), E, L, P = topk_idx_TK.shape, self.n_experts, self.n_local_experts, self.ep_size
         if T:
             with torch.no_grad():
-                self.ranks_per_token_sum += routing_ranks_per_token(topk_idx_TK, E, P)
-            self.ranks_per_token_calls += 1
+                self._ranks_sum += routing_ranks_per_token(topk_idx_TK, E, P) * T
         flat_idx_N = topk_idx_TK.flatten()
         order_N = torch.argsort(flat_idx_N, stable=True)  # expert-major, so also destination-rank-major
         counts_E = _bincount(flat_idx_N, E)
@@ -108,6 +108,7 @@ class AllToAllDispatcher:
         sizes = sizes.tolist()  # the one host sync of the layer
         send_splits, recv_splits, M, dropped = sizes[:P], sizes[P:2 * P], sizes[2 * P], sizes[2 * P + 1]
         self.last_dropped_fraction = dropped / (T * K) if T else 0.0
+        self._tokens, self._dropped, self._copies = self._tokens + T, self._dropped + dropped, self._copies + T * K
 
         # index_select, not x_TD[...]: its backward (index_add) is ~2.5x faster on CPU than indexing's index_put.
         recv_RD = _AllToAll.apply(x_TD.index_select(0, order_S // K), recv_splits, send_splits, self.group)
@@ -172,7 +173,7 @@ class ExpertParallelExperts(GroupedExperts):
         return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: float | None = None) -> None:
     """Give every MoE layer the all-to-all dispatcher and only its ep rank's experts (before FSDP, on meta)."""
     from moetrain.model.moe import MoE
 
@@ -183,15 +184,18 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             setattr(experts, name, nn.Parameter(distribute_tensor(full.data, ep_mesh, [Shard(0)]),
                                                 requires_grad=full.requires_grad))
         experts.__class__ = ExpertParallelExperts
-        moe.dispatcher = AllToAllDispatcher(experts.n_experts, ep_mesh.get_group())
+        moe.dispatcher = AllToAllDispatcher(experts.n_experts, ep_mesh.get_group(), capacity_factor=capacity_factor)
 
 
-def mean_routing_ranks_per_token(model: nn.Module) -> float | None:
-    """Mean over MoE layers of the distinct ep ranks a token was sent to since the last call (then reset)."""
-    values = []
+def pop_dispatch_stats(model: nn.Module) -> torch.Tensor | None:
+    """[4] sums over this rank's MoE layers since the last call (then reset): distinct ep ranks over tokens, tokens,
+    dropped copies, routed copies; None without expert parallelism. Sum over ranks, then take the ratios."""
+    rows = []
     for module in model.modules():
-        dispatcher = getattr(module, "dispatcher", None)
-        if isinstance(dispatcher, AllToAllDispatcher) and dispatcher.ranks_per_token_calls:
-            values.append(float(dispatcher.ranks_per_token_sum) / dispatcher.ranks_per_token_calls)
-            dispatcher.ranks_per_token_sum, dispatcher.ranks_per_token_calls = 0.0, 0
-    return sum(values) / len(values) if values else None
+        d = getattr(module, "dispatcher", None)
+        if isinstance(d, AllToAllDispatcher):
+            rows.append(torch.stack([torch.as_tensor(d._ranks_sum, dtype=torch.float64),
+                                     *(torch.tensor(float(v), dtype=torch.float64)
+                                       for v in (d._tokens, d._dropped, d._copies))]))
+            d._ranks_sum, d._tokens, d._dropped, d._copies = 0.0, 0, 0, 0
+    return torch.stack(rows).sum(0) if rows else None
