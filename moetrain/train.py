@@ -64,7 +64,6 @@ class Trainer:
         self.device = self.dist.device
         self.mesh = build_mesh(job.parallel, self.dist.world_size, self.device.type)
         self.dp = self.mesh.dp
-        self.strategy = build_strategy(job.parallel.dp_strategy, self.mesh)
         self.run_dir = Path(job.run.dir)
         self.is_main = self.dist.is_main
         self._created_run_dir = self.is_main and not self.run_dir.exists()
@@ -77,6 +76,9 @@ class Trainer:
         job = self.job
         seed_everything(job.train.seed)
         self.compute_dtype = self._compute_dtype()
+        # On GPU, FSDP gathers bf16 parameters (fp32 masters, fp32 gradient reduction); on CPU autocast alone.
+        param_dtype = self.compute_dtype if self.device.type == "cuda" else torch.float32
+        self.strategy = build_strategy(job.parallel.dp_strategy, self.mesh, param_dtype)
 
         self.model = self._build_model()  # the model itself: state dicts, balance state, metrics
         self.module = self.strategy.wrap(self.model)  # what forward runs on (the model or its DDP wrapper)

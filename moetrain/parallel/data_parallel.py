@@ -17,17 +17,25 @@ from moetrain.model.transformer import Transformer
 from moetrain.parallel.mesh import ParallelMesh
 
 
-def apply_fsdp(model: Transformer, mesh: ParallelMesh) -> None:
-    """Shard parameters, gradients and optimizer state over the data-parallel ranks (fp32 master weights)."""
-    from torch.distributed.fsdp import fully_shard
+def apply_fsdp(model: Transformer, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32) -> None:
+    """Shard parameters, gradients and optimizer state over the data-parallel ranks (fp32 master weights).
 
+    ``param_dtype=bfloat16`` (GPU): units gather bf16 parameters and reduce gradients in fp32, except the routers,
+    units of their own that stay fp32 (DeepSeek-V3 keeps the gate in full precision).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
     units = []
+    if param_dtype != torch.float32:
+        units += [fully_shard(m.gate, mesh=mesh.dp_mesh, mp_policy=MixedPrecisionPolicy()) for m in moes]
     if mesh.ep > 1:
         edp_mesh = mesh.device_mesh["edp"]
-        units += [fully_shard(m.experts, mesh=edp_mesh) for m in model.modules() if isinstance(m, MoE)]
+        units += [fully_shard(m.experts, mesh=edp_mesh, mp_policy=policy) for m in moes]
     for block in list(model.layers.values()) + list(model.mtp.values()):
-        units.append(fully_shard(block, mesh=mesh.dp_mesh))
-    units.append(fully_shard(model, mesh=mesh.dp_mesh))
+        units.append(fully_shard(block, mesh=mesh.dp_mesh, mp_policy=policy))
+    units.append(fully_shard(model, mesh=mesh.dp_mesh, mp_policy=policy))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # sum over ranks
         # NOTE: plain SUM collectives (gloo has no PREMUL_SUM; NCCL transfers them zero-copy too).

@@ -25,8 +25,9 @@ from moetrain.parallel.mesh import ParallelMesh, all_reduce_sum
 
 
 class DataParallelStrategy:
-    def __init__(self, mesh: ParallelMesh):
+    def __init__(self, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32):
         self.mesh = mesh
+        self.param_dtype = param_dtype  # what the wrapper may cast parameters to for compute (fp32 masters stay)
 
     def parallelize(self, model: nn.Module) -> None:
         """Shard or mark parameters on the meta model (before materialisation); nothing by default."""
@@ -54,7 +55,7 @@ class FSDPStrategy(DataParallelStrategy):
 
     def parallelize(self, model: nn.Module) -> None:
         if self.mesh.dp > 1:
-            apply_fsdp(model, self.mesh)
+            apply_fsdp(model, self.mesh, self.param_dtype)
 
 
 class DDPStrategy(DataParallelStrategy):
@@ -96,6 +97,6 @@ def _sum_hook(group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def build_strategy(name: str, mesh: ParallelMesh) -> DataParallelStrategy:
+def build_strategy(name: str, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32) -> DataParallelStrategy:
     strategies = {"fsdp": FSDPStrategy, "ddp": DDPStrategy}
-    return strategies[name](mesh)
+    return strategies[name](mesh, param_dtype)
