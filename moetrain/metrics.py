@@ -74,7 +74,10 @@ class MetricsLogger:
                   f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s"]
         if r.get("mfu") is not None:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")
-        parts += [f"maxvio {r['max_violation']:.3f}", f"mem {r['memory_gb']:.2f}GB", f"eta {eta}"]
+        parts.append(f"maxvio {r['max_violation']:.3f}")
+        if r.get("routing_ranks_per_token") is not None:  # expert parallelism: all-to-all fan-out per token
+            parts.append(f"ranks/tok {r['routing_ranks_per_token']:.2f}")
+        parts += [f"mem {r['memory_gb']:.2f}GB", f"eta {eta}"]
         return " | ".join(parts)
 
     def close(self) -> None:
