@@ -22,10 +22,11 @@ ARGS = ["train.steps=3", "logging.interval=1", "data.demo_bytes=200000", "train.
 KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "expert_bias_abs_mean")
 
 
-def _train(run_dir, nproc, *overrides):
-    launcher = [sys.executable, "-m", "moetrain"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "moetrain"]
-    proc = subprocess.run([*launcher, "train", f"run.dir={run_dir}", *ARGS, *overrides],
+def _train(run_dir, nproc, *overrides, entry=("moetrain", "train")):
+    """``moetrain train`` (or ``entry=("moetrain.train",)``: ``python -m moetrain.train``) on nproc ranks."""
+    launcher = [sys.executable, "-m"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
+    proc = subprocess.run([*launcher, *entry, f"run.dir={run_dir}", *ARGS, *overrides],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +58,8 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("strategy,ep,dp", [("fsdp", 2, 2), ("fsdp", 4, 4), ("ddp", 1, 2), ("ddp", 2, 2)])
 def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, reference, strategy, ep, dp):
     ref_dir, ref = reference
-    records = _train(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}")
+    entry = ("moetrain.train",) if strategy == "ddp" else ("moetrain", "train")  # both entry points work
+    records = _train(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}", entry=entry)
     _assert_close_records(records, ref)
     _assert_same_model(tmp_path, ref_dir)
     # Node-limited routing: with n_group = ep each group is one rank, so a token reaches <= topk_group ranks.
