@@ -68,7 +68,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self._created_run_dir = self.is_main and not self.run_dir.exists()
         self._lock = self._lock_run_dir()
-        self._started = False  # set once the first step runs; a run refused before that leaves no trace
+        self._started = False  # set when fit() starts; a run refused before that leaves no trace
         with self._abandon_on_error():
             self._setup()
 
