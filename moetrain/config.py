@@ -118,8 +118,6 @@ class ParallelConfig:
     def check_supported(self, prefix: str = "parallel") -> None:
         """Refuse what the trainer does not implement yet (valid layouts the mesh can already be built for)."""
         require(self.pp == 1, f"{prefix}.pp", "pipeline parallelism is not available in this version; set parallel.pp=1")
-        require(self.dp_strategy in ("fsdp", "ddp"), f"{prefix}.dp_strategy",
-                 f"the trainer implements fsdp and ddp in this version, got {self.dp_strategy!r}")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.pp if self.dp == -1 else self.dp

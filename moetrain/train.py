@@ -78,11 +78,11 @@ class Trainer:
         self.compute_dtype = self._compute_dtype()
         # On GPU, FSDP gathers bf16 parameters (fp32 masters, fp32 gradient reduction); on CPU autocast alone.
         param_dtype = self.compute_dtype if self.device.type == "cuda" else torch.float32
-        self.strategy = build_strategy(job.parallel.dp_strategy, self.mesh, param_dtype)
+        self.strategy = build_strategy(job.parallel.dp_strategy, self.mesh, param_dtype, self._deepspeed_config())
 
         self.model = self._build_model()  # the model itself: state dicts, balance state, metrics
-        self.module = self.strategy.wrap(self.model)  # what forward runs on (the model or its DDP wrapper)
-        self.optimizer = build_optimizer(self.model, job.optim)
+        # What forward runs on (the model, its DDP wrapper, the DeepSpeed engine) and the optimizer to step.
+        self.module, self.optimizer = self.strategy.wrap(self.model, lambda m: build_optimizer(m, job.optim))
         self.sources = self._build_sources()
         self.loader = DataLoader(self.sources.samples, self.sources.train_ranges, self.sources.weights, job.data.seed,
                                  self.mesh.dp_rank, self.dp, job.train.micro_batch_size,
@@ -94,7 +94,7 @@ class Trainer:
         self.metrics = MetricsLogger(job.logging, self.run_dir, job.train.steps, self.is_main,
                                      OmegaConf.to_container(OmegaConf.structured(job)))
         self.ckpt = CheckpointManager(job.checkpoint.dir, job.checkpoint.keep_last, self.dist.rank,
-                                      self.dist.world_size, self._log, job.checkpoint.async_save)
+                                      self.dist.world_size, self._log, job.checkpoint.async_save, self.strategy)
         self._stop_signal: int | None = None
         self._nonfinite_steps = 0  # consecutive
         self._log(f"moetrain: {self.job.model.n_layers} layers, {_count(self.model) / 1e6:.2f}M parameters, "
@@ -267,6 +267,16 @@ class Trainer:
             choice = "bf16" if self.device.type == "cuda" else "fp32"
         return torch.bfloat16 if choice == "bf16" else torch.float32
 
+    def _deepspeed_config(self) -> dict | None:
+        if self.job.parallel.dp_strategy != "deepspeed":
+            return None
+        from moetrain.parallel.zero import deepspeed_config
+
+        job = self.job
+        return deepspeed_config(job.train.micro_batch_size, job.train.grad_accum_steps, job.optim.grad_clip,
+                                job.parallel.zero_stage, job.parallel.offload_optimizer,
+                                self.compute_dtype == torch.bfloat16)
+
     def _build_model(self):
         job = self.job
         model = build_model(job.model, "meta")
@@ -372,7 +382,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         mtp_lambda = mtp_lambda_at(step, job.train)
         # The losses are global sums over n_tokens and the data-parallel wrappers sum gradients over ranks.
-        self._set_balance_loss_scale(job.train.micro_batch_size / global_batch)
+        self._set_balance_loss_scale(job.train.micro_batch_size / global_batch * self.strategy.loss_scale)
 
         sums = torch.zeros(3, device=self.device)  # lm, mtp (lambda-free, mean over depths), balance
         for i, mb in enumerate(micro_batches):
@@ -396,8 +406,8 @@ class Trainer:
         # Every rank sees the same global sums and norm, so all skip together.
         skipped = not (math.isfinite(total + balance) and math.isfinite(grad_norm))
         if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.strategy.step(self.optimizer)
+        self.strategy.zero_grad(self.optimizer)
 
         layer_ids, counts_LE = collect_expert_counts(self.model)
         gamma = 0.0 if skipped else bias_update_speed_at(step, job.train)

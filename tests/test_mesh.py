@@ -44,14 +44,19 @@ def test_impossible_layout_is_named_with_its_arithmetic(monkeypatch, world, over
 
 @pytest.mark.parametrize("overrides,key", [
     (["parallel.pp=2"], "parallel.pp"),
-    (["parallel.dp_strategy=deepspeed", "parallel.zero_stage=2", "parallel.offload_optimizer=true"],
-     "parallel.dp_strategy"),
 ])
 def test_valid_layout_the_trainer_lacks_is_refused_as_unavailable(monkeypatch, overrides, key):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError) as e:
         to_job_config(compose([*BATCH, *overrides]))
     assert e.value.key == key and "in this version" in str(e.value), str(e.value)
+
+
+def test_deepspeed_zero2_with_offload_is_accepted(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    job = to_job_config(compose([*BATCH, "parallel.dp_strategy=deepspeed", "parallel.zero_stage=2",
+                                 "parallel.offload_optimizer=true", "parallel.ep=2"]))
+    assert (job.parallel.dp_strategy, job.parallel.zero_stage, job.parallel.offload_optimizer) == ("deepspeed", 2, True)
 
 
 def test_one_process_needs_no_process_group():

@@ -135,8 +135,11 @@ def resolve_checkpoint(path: str | os.PathLike, warn: Callable[[str], None] = pr
 
 class CheckpointManager:
     def __init__(self, root: str | os.PathLike, keep_last: int, rank: int, world_size: int,
-                 log: Callable[[str], None], async_save: bool = False):
+                 log: Callable[[str], None], async_save: bool = False, strategy=None):
+        """``strategy``: the data-parallel strategy whose ``state_dict`` / ``load_state_dict`` give the state
+        (``get_state_dict`` / ``set_state_dict`` when None)."""
         self.root, self.keep_last = Path(root), keep_last
+        self.strategy = strategy
         self.rank, self.world_size, self.log = rank, world_size, log
         self.async_save = async_save
         # Small CPU messages between ranks (rank 0's choice, checksums, flags) on gloo, whatever training uses.
@@ -195,7 +198,7 @@ class CheckpointManager:
                 shutil.rmtree(path)
             (path / "rng").mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = self._state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         save_file(_rng_state(), str(path / "rng" / f"rank_{self.rank}.safetensors"))
         if self.rank == 0:
@@ -337,16 +340,16 @@ class CheckpointManager:
         A model-only checkpoint (``moetrain convert --from-hf``) restores the weights alone.
         """
         trainer_state = read_trainer_state(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = self._state_dict(model, optimizer)
         no_dist = not dist.is_initialized()
         if trainer_state.get("kind") == "model":
             state = {"model": model_sd}
             load_state(state, path, no_dist)
-            set_model_state_dict(model, state["model"])
+            self._load_state_dict(model, optimizer, state["model"], None)
             return trainer_state
         state = {"model": model_sd, "optim": optim_sd}
         load_state(state, path, no_dist)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._load_state_dict(model, optimizer, state["model"], state["optim"])
         rng = path / "rng" / f"rank_{self.rank}.safetensors"
         saved_world = read_marker(path).get("world_size")
         if rng.exists() and saved_world == self.world_size:
@@ -357,6 +360,19 @@ class CheckpointManager:
         return trainer_state
 
     # --------------------------------------------------------------------------------------------- helpers
+    def _state_dict(self, model, optimizer) -> tuple[dict, dict]:
+        if self.strategy is not None:
+            return self.strategy.state_dict(model, optimizer)
+        return get_state_dict(model, optimizer)
+
+    def _load_state_dict(self, model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
+        if self.strategy is not None:
+            self.strategy.load_state_dict(model, optimizer, model_sd, optim_sd)
+        elif optim_sd is None:
+            set_model_state_dict(model, model_sd)
+        else:
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
     def _from_rank0(self, obj):
         """Rank 0's ``obj`` on every rank (small, picklable; sent between trusted ranks, never read from disk)."""
         if self._ctl is None:

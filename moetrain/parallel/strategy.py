@@ -1,19 +1,23 @@
 """Data-parallel strategies behind one small interface, so the training loop is the same for each.
 
-``parallel.dp_strategy``: ``fsdp`` (FSDP2, the default), ``ddp`` (DistributedDataParallel); DeepSpeed ZeRO is
-refused at config time until it is built. The contract every strategy keeps (DESIGN.md, "one gradient
+``parallel.dp_strategy``: ``fsdp`` (FSDP2, the default), ``ddp`` (DistributedDataParallel), ``deepspeed`` (ZeRO-1/2,
+:mod:`moetrain.parallel.zero`, importing deepspeed only when chosen). The contract every strategy keeps (DESIGN.md, "one gradient
 convention"): the loss handed to :meth:`backward` is this rank's share of a global sum over the global
 target-token count, and after it each gradient is the SUM over the ranks that hold the same parameter: dense ones
 over all data-parallel ranks, experts (already gathered from every ep rank by the all-to-all backward) over the
 expert-data-parallel ranks only.
 
 Order of use: ``parallelize`` on the meta model (sharding), then the model is materialised and initialised,
-then ``wrap(model)`` returns the module to call forward on.
+then ``wrap(model, make_optimizer)`` returns the callable to run forward on and the optimizer. Per optimizer step:
+``backward`` per micro-batch (all but the last inside ``accumulating``), ``finish_gradients``, ``clip_grad_norm``,
+``step`` (unless the step is skipped), ``zero_grad``. Checkpoints go through ``state_dict`` / ``load_state_dict``:
+the state of ``torch.distributed.checkpoint.state_dict.get_state_dict`` (names and global shapes whatever the layout).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,6 +29,10 @@ from moetrain.parallel.mesh import ParallelMesh, all_reduce_sum
 
 
 class DataParallelStrategy:
+    # What backward multiplies the loss by to get the convention's sums out of the wrapper's reductions. Side losses
+    # that add their gradient inside backward (the sequence-wise balance loss) must be weighted by it as well.
+    loss_scale: float = 1.0
+
     def __init__(self, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32):
         self.mesh = mesh
         self.param_dtype = param_dtype  # what the wrapper may cast parameters to for compute (fp32 masters stay)
@@ -32,9 +40,9 @@ class DataParallelStrategy:
     def parallelize(self, model: nn.Module) -> None:
         """Shard or mark parameters on the meta model (before materialisation); nothing by default."""
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module whose forward the trainer calls (after initialisation)."""
-        return model
+    def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
+        """(what the trainer calls forward on, the optimizer), after initialisation."""
+        return model, make_optimizer(model)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -47,7 +55,29 @@ class DataParallelStrategy:
         """Reductions that backward did not do (called once per optimizer step, before clipping)."""
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """The global gradient norm before clipping; gradients are clipped to ``max_norm`` (0: not clipped)."""
         return clip_grad_norm(list(model.parameters()), max_norm, self.mesh.dp_group)
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+
+    def zero_grad(self, optimizer) -> None:
+        """After every step, taken or skipped."""
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        return get_state_dict(model, optimizer)
+
+    def load_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
+        """Set the model (and the optimizer, unless ``optim_sd`` is None) from state of :meth:`state_dict`'s form."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        if optim_sd is None:
+            set_model_state_dict(model, model_sd)
+        else:
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
 class FSDPStrategy(DataParallelStrategy):
@@ -62,16 +92,16 @@ class DDPStrategy(DataParallelStrategy):
     """DistributedDataParallel for dense parameters, summing (not averaging) over the data-parallel ranks; expert
     parameters (DTensors over ep) stay outside DDP and are summed over the expert-data-parallel ranks."""
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         if self.mesh.dp == 1:
-            return model
+            return model, make_optimizer(model)
         from torch.nn.parallel import DistributedDataParallel
 
         experts = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
         ddp = DistributedDataParallel(model, process_group=self.mesh.dp_group, broadcast_buffers=False)
         ddp.register_comm_hook(self.mesh.dp_group, _sum_hook)
-        return ddp
+        return ddp, make_optimizer(model)
 
     def accumulating(self, module: nn.Module):
         return module.no_sync() if isinstance(module, nn.parallel.DistributedDataParallel) else \
@@ -97,6 +127,13 @@ def _sum_hook(group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def build_strategy(name: str, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32) -> DataParallelStrategy:
+def build_strategy(name: str, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32,
+                   deepspeed_config: dict | None = None) -> DataParallelStrategy:
+    """``param_dtype``: what FSDP gathers parameters in for compute; ``deepspeed_config``: for ``deepspeed`` only
+    (:func:`moetrain.parallel.zero.deepspeed_config`)."""
+    if name == "deepspeed":
+        from moetrain.parallel.zero import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(mesh, deepspeed_config)
     strategies = {"fsdp": FSDPStrategy, "ddp": DDPStrategy}
     return strategies[name](mesh, param_dtype)

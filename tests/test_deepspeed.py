@@ -1,0 +1,66 @@
+"""DeepSpeed ZeRO-1/2 (``parallel.dp_strategy=deepspeed``, real torchrun processes over gloo, DeepSpeed's CPU
+accelerator) reproduces the single-process run, with and without expert parallelism and optimizer offload.
+
+Each layout trains the tiny model for 3 optimizer steps on the same global batch: losses, gradient norms, every
+parameter and every router bias must equal one process's (fp32, 1e-5 relative). Every run checkpoints at step 2;
+a ZeRO-2 (ep=2, dp=2) checkpoint resumes with DeepSpeed at the same layout, and a ZeRO-1 (ep=1, dp=2) checkpoint
+resumes under FSDP in one process; both continue the uninterrupted run exactly.
+"""
+
+import os
+import shutil
+
+import pytest
+
+from test_expert_parallel import _assert_close_records, _assert_same_model, _train
+
+pytestmark = pytest.mark.slow
+STEP2 = ("checkpoints", "step_00000002")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_accelerator():
+    # Inherited by the torchrun subprocesses: DeepSpeed's CPU accelerator (gloo), no CUDA probing.
+    old = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    yield
+    if old is None:
+        os.environ.pop("DS_ACCELERATOR")
+    else:
+        os.environ["DS_ACCELERATOR"] = old
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("one")
+    return ref, _train(ref, 1)
+
+
+def _deepspeed(run_dir, ep, dp, stage, *overrides):
+    return _train(run_dir, dp, "parallel.dp_strategy=deepspeed", f"parallel.ep={ep}", f"parallel.zero_stage={stage}",
+                  *overrides)
+
+
+@pytest.mark.parametrize("ep,dp,stage,offload", [(1, 2, 1, False), (2, 2, 1, False), (1, 2, 2, True)])
+def test_deepspeed_layout_matches_one_process(tmp_path, reference, ep, dp, stage, offload):
+    ref_dir, ref = reference
+    records = _deepspeed(tmp_path, ep, dp, stage, f"parallel.offload_optimizer={str(offload).lower()}")
+    _assert_close_records(records, ref)
+    _assert_same_model(tmp_path, ref_dir)
+    if (ep, stage) == (1, 1):  # the checkpoint resumes under FSDP, in one process
+        resumed = tmp_path / "fsdp"
+        records = _train(resumed, 1, "parallel.dp_strategy=fsdp", f"checkpoint.resume={tmp_path.joinpath(*STEP2)}")
+        _assert_close_records(records, ref[2:])  # step 3 continues the uninterrupted run
+        _assert_same_model(resumed, ref_dir)
+
+
+def test_deepspeed_zero2_expert_parallel_matches_and_resumes(tmp_path, reference):
+    ref_dir, ref = reference
+    run = tmp_path / "run"
+    _assert_close_records(_deepspeed(run, 2, 2, 2), ref)
+    _assert_same_model(run, ref_dir)
+    resumed = tmp_path / "resumed"
+    records = _deepspeed(resumed, 2, 2, 2, f"checkpoint.resume={run.joinpath(*STEP2)}")
+    _assert_close_records(records, ref[2:])
+    _assert_same_model(resumed, ref_dir)
+    shutil.rmtree(run)
