@@ -2,6 +2,8 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Inherited by the subprocesses of the launch and fault tests: 2-4 ranks must not oversubscribe 2 cores.
@@ -46,3 +48,23 @@ def make_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32):
 @pytest.fixture
 def torch_seed():
     torch.manual_seed(0)
+
+
+def _gloo_entry(rank: int, nprocs: int, init_file: str, out_file: str, fn, args) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=nprocs)
+    try:
+        result = fn(rank, *args)
+        if rank == 0:
+            torch.save(result, out_file)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_ranks(fn, nprocs: int, tmp_path, *args):
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes of one real gloo group; returns rank 0's result
+    (tensors, numbers, strings and containers of them). ``fn`` must be a module-level function."""
+    out_file = tmp_path / "rank0_result.pt"
+    mp.spawn(_gloo_entry, args=(nprocs, str(tmp_path / "gloo_init"), str(out_file), fn, args), nprocs=nprocs,
+             join=True)
+    return torch.load(out_file)

@@ -2,10 +2,8 @@
 bf16 parameters, routers with fp32 ones, and the parameters the optimizer updates stay fp32."""
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import small_config
+from conftest import run_on_gloo_ranks, small_config
 from moetrain.config import ParallelConfig
 from moetrain.model import build_model
 from moetrain.model.moe import MoE
@@ -14,41 +12,33 @@ from moetrain.parallel.init import init_weights
 from moetrain.parallel.mesh import build_mesh
 
 
-def _worker(rank: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        mesh = build_mesh(ParallelConfig(dp=2), 2, "cpu")
-        model = build_model(small_config(), "meta")
-        apply_fsdp(model, mesh, torch.bfloat16)
-        model.to_empty(device="cpu")
-        init_weights(model, seed=0)
-        seen = {}
+def _worker(rank: int) -> dict:
+    mesh = build_mesh(ParallelConfig(dp=2), 2, "cpu")
+    model = build_model(small_config(), "meta")
+    apply_fsdp(model, mesh, torch.bfloat16)
+    model.to_empty(device="cpu")
+    init_weights(model, seed=0)
+    seen = {}
 
-        def record(key, weight_of):  # the dtype a module's parameters have when its forward runs
-            def hook(module, args):
-                seen.setdefault(key, weight_of(module).dtype)
-            return hook
+    def record(key, weight_of):  # the dtype a module's parameters have when its forward runs
+        def hook(module, args):
+            seen.setdefault(key, str(weight_of(module).dtype))
+        return hook
 
-        for name, module in model.named_modules():
-            if isinstance(module, MoE):
-                module.gate.register_forward_pre_hook(record(f"{name}.gate", lambda m: m.weight))
-                module.experts.register_forward_pre_hook(record(f"{name}.experts", lambda m: m.w1))
-        model.layers["0"].register_forward_pre_hook(record("dense", lambda m: m.attn_norm.weight))
-        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
-        out = model(tokens, tokens.roll(-1, 1))
-        out.loss(out.n_tokens, 0.3).backward()
-        masters = {p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters() if p.grad is not None}
-        if rank == 0:
-            torch.save({"seen": {k: str(v) for k, v in seen.items()}, "masters": sorted(map(str, masters))}, out_file)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            module.gate.register_forward_pre_hook(record(f"{name}.gate", lambda m: m.weight))
+            module.experts.register_forward_pre_hook(record(f"{name}.experts", lambda m: m.w1))
+    model.layers["0"].register_forward_pre_hook(record("dense", lambda m: m.attn_norm.weight))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    out = model(tokens, tokens.roll(-1, 1))
+    out.loss(out.n_tokens, 0.3).backward()
+    masters = {p.dtype for p in model.parameters()} | {p.grad.dtype for p in model.parameters() if p.grad is not None}
+    return {"seen": seen, "masters": sorted(map(str, masters))}
 
 
 def test_bf16_compute_keeps_routers_and_master_weights_fp32(tmp_path):
-    out_file = tmp_path / "dtypes.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
-    got = torch.load(out_file)
+    got = run_on_gloo_ranks(_worker, 2, tmp_path)
     gates = {k: v for k, v in got["seen"].items() if k.endswith(".gate")}
     experts = {k: v for k, v in got["seen"].items() if k.endswith(".experts")}
     assert gates and set(gates.values()) == {"torch.float32"}, got
