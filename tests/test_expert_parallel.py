@@ -88,3 +88,31 @@ def test_ep2_dp4_checkpoint_resumes_at_other_layouts(tmp_path, reference):
         _assert_close_records(records, ref[2:])  # step 3 continues the uninterrupted run
         _assert_same_model(resumed, ref_dir)
         shutil.rmtree(resumed)
+
+
+def _train_in_group(rank: int, run_dir: str) -> dict:
+    """A Trainer on 2 ranks with ep 2 (2 steps): every rank's router biases and dense parameters, all gathered."""
+    import os
+
+    import torch.distributed as dist
+
+    from conftest import small_job
+    from moetrain.train import Trainer
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    trainer = Trainer(small_job(run_dir, "parallel.ep=2", "train.steps=2", "train.global_batch_size=16"))
+    trainer.fit()
+    mine = {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if k.endswith("expert_bias")}
+    gathered = [None, None]
+    dist.all_gather_object(gathered, mine)
+    return {"rank0": gathered[0], "rank1": gathered[1]}
+
+
+def test_router_biases_are_identical_on_every_rank(tmp_path):
+    from conftest import run_on_gloo_ranks
+
+    got = run_on_gloo_ranks(_train_in_group, 2, tmp_path, str(tmp_path / "run"))
+    assert got["rank0"].keys() == got["rank1"].keys() and got["rank0"]
+    for k, bias in got["rank0"].items():
+        assert torch.equal(bias, got["rank1"][k]), k
+        assert bias.abs().sum() > 0, k  # updated, not just both zero
