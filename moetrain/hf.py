@@ -169,7 +169,7 @@ class HFFormatError(ValueError):
     """A Hugging Face checkpoint directory that cannot be read; the message names the file and what is wrong."""
 
 
-def _read_json(f: Path) -> dict:
+def read_json(f: Path) -> dict:
     try:
         data = json.loads(f.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -181,7 +181,7 @@ def _read_json(f: Path) -> dict:
 
 def _read_weight_map(index: Path) -> dict[str, str]:
     """The index's tensor name -> shard file name, each shard a plain file name inside the index's directory."""
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
         raise HFFormatError(f"{index}: no \"weight_map\" object mapping tensor names to shard file names")
@@ -282,7 +282,7 @@ def from_hf_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
-    cfg = config_from_hf(_read_json(config_file))
+    cfg = config_from_hf(read_json(config_file))
     ckpt = SafetensorsDir(path)
     if cfg.n_mtp_layers and f"model.layers.{cfg.n_layers}.eh_proj.weight" not in ckpt:
         cfg.n_mtp_layers = 0  # transformers does not save MTP layers; DeepSeek's release does

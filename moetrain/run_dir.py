@@ -31,8 +31,12 @@ class RunDirLock:
 
     def acquire(self) -> "RunDirLock":
         """Take the lock or raise :class:`RunDirLocked` naming the holder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise RunDirLocked(f"run.dir {self.path.parent}: cannot create {self.path} ({e.strerror}); choose a "
+                               "writable run.dir") from e
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import random
@@ -81,6 +80,7 @@ class Trainer:
         self.strategy = build_strategy(job.parallel.dp_strategy, self.mesh, param_dtype, self._deepspeed_config())
 
         self.model = self._build_model()  # the model itself: state dicts, balance state, metrics
+        n_params = _count(self.model)  # before wrap: DeepSpeed swaps expert DTensors for this rank's blocks
         # What forward runs on (the model, its DDP wrapper, the DeepSpeed engine) and the optimizer to step.
         self.module, self.optimizer = self.strategy.wrap(self.model, lambda m: build_optimizer(m, job.optim))
         self.sources = self._build_sources()
@@ -97,8 +97,8 @@ class Trainer:
                                       self.dist.world_size, self._log, job.checkpoint.async_save, self.strategy)
         self._stop_signal: int | None = None
         self._nonfinite_steps = 0  # consecutive
-        self._log(f"moetrain: {self.job.model.n_layers} layers, {_count(self.model) / 1e6:.2f}M parameters, "
-                  f"{self.dp} data-parallel rank(s) (ep {self.mesh.ep}) on {name}, compute {self.compute_dtype}, "
+        self._log(f"moetrain: {self.job.model.n_layers} layers, {n_params / 1e6:.2f}M parameters, "
+                  f"{self.dp} data-parallel rank(s){f' (ep {self.mesh.ep})' if self.mesh.ep > 1 else ''} on {name}, compute {self.compute_dtype}, "
                   f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
                   f"tokens{_entropy_note(self.sources.unigram_entropy)}; run dir {self.run_dir}")
 
@@ -160,9 +160,9 @@ class Trainer:
     def _init_from_hf(self, hf_dir: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from moetrain.hf import config_from_hf, from_hf_pretrained
+        from moetrain.hf import config_from_hf, from_hf_pretrained, read_json
 
-        hf_cfg = config_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
+        hf_cfg = config_from_hf(read_json(Path(hf_dir) / "config.json"))
         # RoPE and the MTP depth may differ: neither changes the shapes of the weights that are loaded.
         key = _architecture_mismatch(dataclasses.asdict(hf_cfg), self.job.model, ignore=("rope", "n_mtp_layers"))
         if key:
@@ -174,7 +174,11 @@ class Trainer:
             raise ValueError(f"checkpoint.init_from_hf: {hf_dir} lacks {missing[:3]}")
         if missing:
             self._log(f"checkpoint: {hf_dir} has no MTP weights; the MTP modules start from their initialisation")
-        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        if self.job.parallel.dp_strategy == "deepspeed":  # ZeRO's fp32 masters must receive the weights too
+            self.strategy.load_state_dict(self.model, self.optimizer,
+                                          {k: v for k, v in full.items() if k in self.model.state_dict()}, None)
+        else:
+            set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
         self._log(f"checkpoint: initialised from Hugging Face weights in {hf_dir}")
 
     def save_checkpoint(self) -> None:
@@ -230,10 +234,10 @@ class Trainer:
 
     def abandon(self) -> None:
         """Release the run directory; if this run created it and never trained a step, remove it."""
+        if self._created_run_dir and not self._started:  # still locked: no other run can have taken it over
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         if self._lock is not None:
             self._lock.release()
-        if self._created_run_dir and not self._started:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _warn(self, message: str) -> None:
         if self.is_main:
@@ -474,7 +478,8 @@ class Trainer:
         if self.mesh.ep > 1:  # over every token of the steps since the last record, all ranks
             from moetrain.parallel.expert_parallel import pop_dispatch_stats
 
-            ranks, tokens, dropped, copies = all_reduce_sum(pop_dispatch_stats(self.model), self.mesh.dp_group).tolist()
+            stats = pop_dispatch_stats(self.model).to(self.device)
+            ranks, tokens, dropped, copies = all_reduce_sum(stats, self.mesh.dp_group).tolist()
             record.update(routing_ranks_per_token=ranks / max(tokens, 1), dropped_fraction=dropped / max(copies, 1))
         self.metrics.log(self.step, record)
 
@@ -543,10 +548,16 @@ register_configs()
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    # Errors are handled here, not around Hydra, which would first print "Error executing job ...".
     try:
-        run(to_job_config(cfg))
-    except Exception as e:  # here, not around Hydra, which would first print "Error executing job ..."
-        _exit_on_user_error(e)
+        job = to_job_config(cfg)
+    except Exception as e:
+        _exit_on_user_error(e, composing=True)
+        raise
+    try:
+        run(job)
+    except Exception as e:
+        _exit_on_user_error(e, composing=False)
         raise
 
 
@@ -563,8 +574,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us instead of Hydra's multi-line report
     try:
         _hydra_main()
-    except Exception as e:
-        _exit_on_user_error(e)
+    except Exception as e:  # Hydra's own composition (overrides, presets) fails before _hydra_main runs
+        _exit_on_user_error(e, composing=True)
         raise
     finally:
         if not _FULL_ERROR:
@@ -574,9 +585,9 @@ def main() -> None:
 _FULL_ERROR = False
 
 
-def _exit_on_user_error(e: Exception) -> None:
+def _exit_on_user_error(e: Exception, composing: bool) -> None:
     """Print a user error as one line (rank 0 for config errors, the failing rank otherwise) and exit."""
-    status, message = _user_error(e)
+    status, message = _user_error(e, composing)
     if status is None or _FULL_ERROR:
         return
     rank = int(os.environ.get("RANK", "0"))
@@ -586,8 +597,12 @@ def _exit_on_user_error(e: Exception) -> None:
     sys.exit(status)
 
 
-def _user_error(e: BaseException) -> tuple[int | None, str]:
-    """(exit status, one-line message) of an error the user can act on, or (None, '') for a bug."""
+def _user_error(e: BaseException, composing: bool) -> tuple[int | None, str]:
+    """(exit status, one-line message) of an error the user can act on, or (None, '') for a bug.
+
+    ``composing``: raised while the config was composed and checked, where Hydra's and OmegaConf's errors mean a
+    bad override or preset; later they are bugs and keep their traceback.
+    """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -596,7 +611,7 @@ def _user_error(e: BaseException) -> tuple[int | None, str]:
             return 2, _one_line(str(cause))
         if isinstance(cause, _RUN_ERRORS):
             return 1, _one_line(str(cause))
-    if isinstance(e, (HydraException, OmegaConfBaseException)):  # composition: a bad override or preset
+    if composing and isinstance(e, (HydraException, OmegaConfBaseException)):
         text = str(e).split("Config search path:")[0].replace(":\n", ": ")
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
@@ -608,9 +623,15 @@ def _user_error(e: BaseException) -> tuple[int | None, str]:
 
 
 def _causes(e: BaseException):
+    """``e`` and what it was raised from; the context of a wrapper too (OmegaConf wraps resolver errors), but not
+    of any other error, which may be a bug raised while handling a user error."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     while e is not None:
         yield e
-        e = e.__cause__ or e.__context__
+        wrapper = isinstance(e, (HydraException, OmegaConfBaseException)) and not e.__suppress_context__
+        e = e.__cause__ or (e.__context__ if wrapper else None)
 
 
 def _one_line(text: str) -> str:

@@ -26,6 +26,7 @@ from moetrain.checkpoint import convert
 from moetrain.checkpoint.convert import load_checkpoint_model, write_hf
 from moetrain.checkpoint.integrity import COMPLETE, read_marker, verify_complete, write_complete_marker
 from moetrain.checkpoint.manager import CheckpointError, resolve_checkpoint
+from moetrain.checkpoint.safe_reader import read_metadata_file
 from moetrain.train import Trainer
 
 STEP2, STEP4 = "step_00000002", "step_00000004"
@@ -358,3 +359,17 @@ def test_every_checkpoint_load_goes_through_the_safe_reader():
     offenders = [f"{f.relative_to(package)}:{n}" for f in package.rglob("*.py") if f.name != "safe_reader.py"
                  for n, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []
+
+
+def test_metadata_naming_a_storage_file_outside_the_checkpoint_is_refused(run):
+    """A .metadata (only allow-listed classes) whose storage entry points at another checkpoint's file: the load
+    would read bytes no COMPLETE checksum covers."""
+    ckpt = run / "checkpoints" / STEP4
+    metadata = read_metadata_file(ckpt / ".metadata")
+    for info in metadata.storage_data.values():
+        info.relative_path = f"../{STEP2}/{info.relative_path}"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    _rewrite_marker(ckpt)
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        resolve_checkpoint(ckpt)
+    _assert_falls_back_naming(run, ckpt / ".metadata")

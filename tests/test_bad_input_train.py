@@ -195,3 +195,10 @@ def test_refused_resume_into_a_new_run_dir_leaves_nothing(tmp_path):
     with pytest.raises(ConfigError, match="model.n_layers"):
         _trainer(other, "train.steps=2", "model.n_layers=3", f"checkpoint.resume={tmp_path / 'a' / 'checkpoints'}")
     assert not other.exists()
+
+
+def test_unwritable_run_dir_is_a_named_refusal(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RunDirLocked, match=f"run.dir {blocker / 'run'}: cannot create"):
+        Trainer(small_job(blocker / "run"))

@@ -64,3 +64,20 @@ def test_deepspeed_zero2_expert_parallel_matches_and_resumes(tmp_path, reference
     _assert_close_records(records, ref[2:])
     _assert_same_model(resumed, ref_dir)
     shutil.rmtree(run)
+
+
+def test_init_from_hf_reaches_zero_master_weights(tmp_path, reference):
+    """Hugging Face weights start a deepspeed (ep=2) run exactly as they start one process, beyond step 1
+    (ZeRO updates its own fp32 masters, which must hold the imported weights)."""
+    import subprocess
+    import sys
+
+    ref_dir, ref = reference
+    hf = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "moetrain", "convert", "--to-hf", str(ref_dir / "checkpoints"),
+                           str(hf)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = _train(tmp_path / "one", 1, f"checkpoint.init_from_hf={hf}", "train.steps=2")
+    ds = _deepspeed(tmp_path / "ds", 2, 2, 1, f"checkpoint.init_from_hf={hf}", "train.steps=2")
+    _assert_close_records(ds, one)
+    assert one[0]["loss"] < ref[0]["loss"] - 0.1  # trained weights, not a fresh initialisation

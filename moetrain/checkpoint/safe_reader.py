@@ -72,6 +72,13 @@ def read_metadata_file(path: Path) -> dcp_metadata.Metadata:
         raise CheckpointError(f"checkpoint metadata {path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise CheckpointError(f"checkpoint metadata {path} holds a {type(metadata).__name__}, not DCP metadata")
+    # DCP opens <checkpoint>/<relative_path>: only plain names inside the directory, which COMPLETE's sizes and
+    # checksums cover ("../other/__0_0.distcp" or an absolute path would escape them).
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(f"checkpoint metadata {path} names storage file {name!r}, not a plain file name "
+                                  "in the checkpoint directory")
     return metadata
 
 

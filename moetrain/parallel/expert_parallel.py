@@ -194,8 +194,6 @@ def pop_dispatch_stats(model: nn.Module) -> torch.Tensor | None:
     for module in model.modules():
         d = getattr(module, "dispatcher", None)
         if isinstance(d, AllToAllDispatcher):
-            rows.append(torch.stack([torch.as_tensor(d._ranks_sum, dtype=torch.float64),
-                                     *(torch.tensor(float(v), dtype=torch.float64)
-                                       for v in (d._tokens, d._dropped, d._copies))]))
+            rows.append(torch.tensor([float(d._ranks_sum), d._tokens, d._dropped, d._copies], dtype=torch.float64))
             d._ranks_sum, d._tokens, d._dropped, d._copies = 0.0, 0, 0, 0
     return torch.stack(rows).sum(0) if rows else None

@@ -123,6 +123,7 @@ class DeepSpeedStrategy(DataParallelStrategy):
         self.config = config
         self.engine = None
         self.expert_names: set[str] = set()  # parameters holding this rank's [E/ep, ...] block
+        self.n_experts = 0
         self.group_layout: list[tuple[list[str], dict]] = []  # build_optimizer's groups: names, hyperparameters
         self._pending = False  # gradients accumulated that no step has consumed yet
 
@@ -161,6 +162,7 @@ class DeepSpeedStrategy(DataParallelStrategy):
             if not isinstance(moe, MoE):
                 continue
             experts, n_experts = moe.experts, moe.experts.n_experts
+            self.n_experts = n_experts
             for name in ("w1", "w2", "w3"):
                 w = getattr(experts, name)
                 local = nn.Parameter(w.to_local() if isinstance(w, DTensor) else w, requires_grad=w.requires_grad)
@@ -227,7 +229,7 @@ class DeepSpeedStrategy(DataParallelStrategy):
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in model_sd.items():
-                value = _local(value)
+                value = self._block(name, _local(value))
                 if name in params:
                     params[name].copy_(value)
                     safe_set_full_fp32_param(params[name], value.float())
@@ -245,6 +247,13 @@ class DeepSpeedStrategy(DataParallelStrategy):
             hyper = optim_sd["param_groups"][0]
             for group in optimizer.param_groups:
                 group["lr"] = hyper["lr"]
+
+    def _block(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """This rank's expert block of a full expert tensor (e.g. Hugging Face weights), else ``t``."""
+        if name not in self.expert_names or self.mesh.ep == 1 or t.shape[0] != self.n_experts:
+            return t
+        n = self.n_experts // self.mesh.ep
+        return t[self.mesh.ep_rank * n:(self.mesh.ep_rank + 1) * n]
 
     def _global(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """An expert block as the DTensor of the whole expert weight (sharded over ep), else ``t``."""
