@@ -72,6 +72,11 @@ class ParallelConfig:
     # ep > 1: None is dropless; c keeps at most ceil(c * T * K / E) copies per expert from each rank (the
     # earliest tokens) and drops the rest, reported as dropped_fraction in metrics.jsonl.
     capacity_factor: Optional[float] = None
+    # pp > 1: GPipe | 1F1B | Interleaved1F1B | ZBVZeroBubble | DualPipeV (torch.distributed.pipelining)
+    pp_schedule: str = "1F1B"
+    pp_chunks: int = 0  # stages per pp rank; 0 = the schedule's (2 for Interleaved1F1B and the V-shaped ones)
+    # Blocks per stage ([3, 1]) or each stage's layer ids ([[0, 1, 2], [3]]); null = balanced by estimated cost.
+    pp_layout: Optional[list[Any]] = None
 
     def validate(self, world_size: int, n_routed_experts: int | None = None, prefix: str = "parallel") -> None:
         self.check_layout(world_size, n_routed_experts, prefix)
@@ -117,7 +122,24 @@ class ParallelConfig:
 
     def check_supported(self, prefix: str = "parallel") -> None:
         """Refuse what the trainer does not implement yet (valid layouts the mesh can already be built for)."""
-        require(self.pp == 1, f"{prefix}.pp", "pipeline parallelism is not available in this version; set parallel.pp=1")
+        require(self.dp_strategy != "ddp" or self.pp == 1, f"{prefix}.dp_strategy",
+                 f"ddp is not combined with pipeline stages (pp={self.pp}); use parallel.dp_strategy=fsdp")
+
+    def check_pipeline(self, model: ModelConfig, train: "TrainConfig", world_size: int) -> None:
+        """The schedule, stages per rank, layout and micro-batch count, checked before any process starts."""
+        from moetrain.parallel.pipeline_layout import chunks_per_rank, resolve_layout, schedule_spec
+
+        spec = schedule_spec(self.pp_schedule)
+        if self.pp == 1:
+            require(self.pp_layout is None, "parallel.pp_layout", "is for pipeline stages; it needs parallel.pp > 1")
+            return
+        chunks = chunks_per_rank(spec, self.pp_chunks)
+        resolve_layout(model, self.pp * chunks, self.pp_layout, train.seq_len)
+        unit = train.micro_batch_size * self.data_parallel_size(world_size)
+        for key, batch in (("train.global_batch_size", train.global_batch_size),
+                           ("train.batch_ramp_start", train.batch_ramp_start)):
+            if batch:
+                spec.check_microbatches(batch // unit, self.pp, chunks, key)
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.pp if self.dp == -1 else self.dp
@@ -274,6 +296,7 @@ class JobConfig:
         self.precision.validate()
         self.optim.validate()
         self.train.validate(self.model, self.parallel.data_parallel_size(world_size))
+        self.parallel.check_pipeline(self.model, self.train, world_size)
         require(not self.train.val_interval or self.data.val_fraction > 0, "train.val_interval",
                 f"validation every {self.train.val_interval} steps needs held-out data, but data.val_fraction=0; "
                 "set data.val_fraction > 0 or train.val_interval=0")

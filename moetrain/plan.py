@@ -30,6 +30,33 @@ def _ffn_active_params(cfg: ModelConfig, layer: int) -> int:
     return D * m.n_routed_experts + 3 * D * m.moe_inter_dim * (m.router.topk + m.n_shared_experts)
 
 
+def _ffn_params(cfg: ModelConfig, layer: int) -> int:
+    m, D = cfg.moe, cfg.dim
+    if layer < m.first_k_dense_replace:
+        return 3 * D * cfg.inter_dim
+    return D * m.n_routed_experts + 3 * D * m.moe_inter_dim * (m.n_routed_experts + m.n_shared_experts)
+
+
+def pipeline_unit_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[tuple[float, int]], tuple[float, int],
+                                                                 tuple[float, int]]:
+    """(forward FLOPs per token, parameters) of each main block, of the first stage's extras (the embedding) and
+    of the last stage's (final norm, head, MTP modules and their copy of the embedding): what :mod:`moetrain.parallel.pipeline_layout` balances."""
+    a = cfg.attn
+    attn_flops = 2 * a.n_heads * (seq_len / 2) * (a.qk_head_dim + a.v_head_dim)
+
+    def block(layer: int) -> tuple[float, int]:
+        active = _attention_params(cfg) + _ffn_active_params(cfg, layer)
+        return 2.0 * active + attn_flops, _attention_params(cfg) + _ffn_params(cfg, layer)
+
+    head = cfg.dim * cfg.vocab_size
+    last_flops, last_params = 2.0 * head, head + (head if cfg.n_mtp_layers else 0)  # + MTP's embedding copy
+    for k in range(cfg.n_mtp_layers):
+        flops, params = block(cfg.n_layers + k)
+        last_flops += flops + 2.0 * (2 * cfg.dim * cfg.dim + head)
+        last_params += params + 2 * cfg.dim * cfg.dim
+    return [block(i) for i in range(cfg.n_layers)], (0.0, cfg.vocab_size * cfg.dim), (last_flops, last_params)
+
+
 def active_matmul_params(cfg: ModelConfig, with_mtp: bool = True) -> int:
     """Matmul weights a token passes through (see the module docstring)."""
     layers = list(range(cfg.n_layers))

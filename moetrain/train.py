@@ -31,8 +31,9 @@ from moetrain.data import Blend, DataLoader, build_sources, make_batch
 from moetrain.data.indexed import ShardError
 from moetrain.hf import HFFormatError
 from moetrain.metrics import MetricsLogger, log_text, memory_gb
-from moetrain.model import ConfigError, build_model, collect_expert_counts, update_expert_bias
+from moetrain.model import ConfigError, build_model, collect_expert_counts, lm_output, update_expert_bias
 from moetrain.model.balance import pop_balance_loss
+from moetrain.model.layers import is_recomputing
 from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
 from moetrain.parallel.dist import DistInfo, destroy, init_distributed
@@ -79,8 +80,9 @@ class Trainer:
         param_dtype = self.compute_dtype if self.device.type == "cuda" else torch.float32
         self.strategy = build_strategy(job.parallel.dp_strategy, self.mesh, param_dtype, self._deepspeed_config())
 
-        self.model = self._build_model()  # the model itself: state dicts, balance state, metrics
-        n_params = _count(self.model)  # before wrap: DeepSpeed swaps expert DTensors for this rank's blocks
+        self.pipeline = None  # pp > 1: this rank's stages and their schedule (moetrain.parallel.pipeline)
+        # The model (on a pipeline rank: the part it owns): state dicts, balance state, metrics.
+        self.model, n_params = self._build_model()
         # What forward runs on (the model, its DDP wrapper, the DeepSpeed engine) and the optimizer to step.
         self.module, self.optimizer = self.strategy.wrap(self.model, lambda m: build_optimizer(m, job.optim))
         self.sources = self._build_sources()
@@ -98,7 +100,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._nonfinite_steps = 0  # consecutive
         self._log(f"moetrain: {self.job.model.n_layers} layers, {n_params / 1e6:.2f}M parameters, "
-                  f"{self.dp} data-parallel rank(s){f' (ep {self.mesh.ep})' if self.mesh.ep > 1 else ''} on {name}, compute {self.compute_dtype}, "
+                  f"{self.dp} data-parallel rank(s){f' (ep {self.mesh.ep})' if self.mesh.ep > 1 else ''}"
+                  f"{self._pipeline_note()} on {name}, compute {self.compute_dtype}, "
                   f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
                   f"tokens{_entropy_note(self.sources.unigram_entropy)}; run dir {self.run_dir}")
 
@@ -107,6 +110,9 @@ class Trainer:
         """Continue from checkpoint.resume, else start from checkpoint.init_from_hf, else from scratch."""
         with self._abandon_on_error():
             self._resume_or_init()
+            if self.pipeline is not None:
+                self.pipeline.after_step()  # a V-shaped rank's copy of the embedding takes the loaded values
+                self.pipeline.check_tied()
 
     def _resume_or_init(self) -> None:
         path = self.ckpt.find_resume(self.job.checkpoint.resume)
@@ -282,20 +288,54 @@ class Trainer:
                                 self.compute_dtype == torch.bfloat16)
 
     def _build_model(self):
+        """(the model or this pipeline rank's part of it, initialised; the whole model's parameter count)."""
         job = self.job
         model = build_model(job.model, "meta")
+        n_params = _count(model)
+        stages = None
+        if self.mesh.pp > 1:
+            model, stages = self._split_stages(model)
         apply_recompute(model, job.train.recompute)
         if self.mesh.ep > 1:
             from moetrain.parallel.expert_parallel import apply_expert_parallel
 
             apply_expert_parallel(model, self.mesh.device_mesh["ep"], job.parallel.capacity_factor)
-        self.strategy.parallelize(model)
+        self.strategy.parallelize(model, stages)
         model.to_empty(device=self.device)
+        for stage in stages or []:  # a V-shaped rank's copy of the embedding is in a stage only
+            stage.to_empty(device=self.device)
         init_weights(model, job.train.seed)
+        if stages:
+            for stage in stages:
+                stage.freqs_cis = model.freqs_cis
+            self.pipeline.after_step()  # the copy of the embedding takes its values
         if job.train.compile:
             for block in list(model.layers.values()) + [m.block for m in model.mtp.values()]:
                 block.compile()
-        return model.train()
+        return model.train(), n_params
+
+    def _split_stages(self, model):
+        from moetrain.parallel.pipeline import Pipeline, split_stages
+        from moetrain.parallel.pipeline_layout import (chunks_per_rank, resolve_layout, schedule_spec,
+                                                       stages_of_rank)
+
+        par, mesh = self.job.parallel, self.mesh
+        spec = schedule_spec(par.pp_schedule)
+        n_stages = mesh.pp * chunks_per_rank(spec, par.pp_chunks)
+        layout = resolve_layout(self.job.model, n_stages, par.pp_layout, self.job.train.seq_len)
+        stage_ids = stages_of_rank(mesh.pp_rank, mesh.pp, n_stages, spec.v_shaped)
+        model, stages = split_stages(model, layout, stage_ids)
+        for stage in stages:
+            stage.train()
+        self.pipeline = Pipeline(spec, layout, stage_ids, stages, mesh, self.device)
+        return model, stages
+
+    def _pipeline_note(self) -> str:
+        if self.pipeline is None:
+            return ""
+        p = self.pipeline
+        return (f" x {self.mesh.pp} pipeline ranks ({p.spec.name}, stages of blocks "
+                f"{[[ids[0], ids[-1]] if len(ids) > 1 else ids for ids in p.layout]})")
 
     def _build_sources(self):
         """Local rank 0 prepares (or downloads) shared cached data first; the other ranks then read it."""
@@ -355,7 +395,20 @@ class Trainer:
                 saved_at = self.step
         if self.step != saved_at:
             self.save_checkpoint()
+        self._report_bubble()
         return losses
+
+    def _report_bubble(self) -> None:
+        """The measured idle fraction of every pipeline rank over the run, beside the schedule's formula."""
+        if self.pipeline is None:
+            return
+        p = self.pipeline
+        measured = self._bubble_per_rank(p.run_bubble())
+        m = self.job.train.global_batch_size // (self.job.train.micro_batch_size * self.dp)
+        value, formula = p.spec.bubble_formula(self.mesh.pp, m, p.n_stages // self.mesh.pp)
+        expected = f"{formula} = {value:.3f}" if value is not None else formula
+        self._log(f"pipeline: {p.spec.name}, pp {self.mesh.pp}, {m} micro-batches: measured bubble per rank "
+                  f"{', '.join(f'{b:.3f}' for b in measured)} (schedule's formula: {expected})")
 
     def _check_finite(self, stats: dict) -> None:
         """Count consecutive non-finite steps (their updates were skipped); stop after train.max_nonfinite_steps."""
@@ -388,6 +441,36 @@ class Trainer:
         # The losses are global sums over n_tokens and the data-parallel wrappers sum gradients over ranks.
         self._set_balance_loss_scale(job.train.micro_batch_size / global_batch * self.strategy.loss_scale)
 
+        if self.pipeline is not None:
+            sums = self._pipeline_step(micro_batches, n_tokens, mtp_lambda, global_batch)
+        else:
+            sums = self._micro_batches(micro_batches, n_tokens, mtp_lambda, global_batch)
+        grad_norm = self._clip_gradients()
+        # Every rank has summed its own micro-batches and layers: the totals span the data and pipeline ranks.
+        all_reduce_sum(all_reduce_sum(sums, self.mesh.dp_group), self.mesh.pp_group)
+        lm, mtp = (sums[0] / n_tokens).item(), (sums[1] / n_tokens).item()
+        balance = sums[2].item()
+        total = lm + (mtp_lambda * mtp if self.job.model.n_mtp_layers else 0.0)
+        # Every rank sees the same global sums and norm, so all skip together.
+        skipped = not (math.isfinite(total + balance) and math.isfinite(grad_norm))
+        if not skipped:
+            self.strategy.step(self.optimizer)
+            if self.pipeline is not None:
+                self.pipeline.after_step()
+        self.strategy.zero_grad(self.optimizer)
+
+        layer_ids, counts_LE = collect_expert_counts(self.model)
+        gamma = 0.0 if skipped else bias_update_speed_at(step, job.train)
+        # Counts of the whole global batch, so that every rank applies the same bias update.
+        counts_LE = all_reduce_sum(counts_LE.to(self.device), self.mesh.dp_group)
+        maxvio = self._every_layer(layer_ids, update_expert_bias(self.model, gamma, (layer_ids, counts_LE)))
+        self.tokens_seen += global_batch * job.train.seq_len
+        return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
+                "grad_norm": grad_norm, "maxvio": maxvio, "global_batch": global_batch, "mtp_lambda": mtp_lambda,
+                "skipped": skipped}
+
+    def _micro_batches(self, micro_batches, n_tokens, mtp_lambda, global_batch) -> torch.Tensor:
+        """Forward and backward of each micro-batch; returns this rank's (lm, mtp, balance) loss sums."""
         sums = torch.zeros(3, device=self.device)  # lm, mtp (lambda-free, mean over depths), balance
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -402,26 +485,60 @@ class Trainer:
                 sums += torch.stack([out.lm_loss_sum.detach(), mtp.detach(),
                                      sum(bal.values(), torch.zeros((), device=self.device))
                                      * mb.tokens.shape[0] / global_batch])
-        grad_norm = self._clip_gradients()
-        all_reduce_sum(sums, self.mesh.dp_group)
-        lm, mtp = (sums[0] / n_tokens).item(), (sums[1] / n_tokens).item()
-        balance = sums[2].item()
-        total = lm + (mtp_lambda * mtp if self.job.model.n_mtp_layers else 0.0)
-        # Every rank sees the same global sums and norm, so all skip together.
-        skipped = not (math.isfinite(total + balance) and math.isfinite(grad_norm))
-        if not skipped:
-            self.strategy.step(self.optimizer)
-        self.strategy.zero_grad(self.optimizer)
+        return sums
 
-        layer_ids, counts_LE = collect_expert_counts(self.model)
-        gamma = 0.0 if skipped else bias_update_speed_at(step, job.train)
-        # Counts of the whole global batch, so that every rank applies the same bias update.
-        counts_LE = all_reduce_sum(counts_LE.to(self.device), self.mesh.dp_group)
-        maxvio = update_expert_bias(self.model, gamma, (layer_ids, counts_LE))
-        self.tokens_seen += global_batch * job.train.seq_len
-        return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
-                "grad_norm": grad_norm, "maxvio": maxvio, "global_batch": global_batch, "mtp_lambda": mtp_lambda,
-                "skipped": skipped}
+    def _pipeline_step(self, micro_batches, n_tokens, mtp_lambda, global_batch) -> torch.Tensor:
+        """The step's micro-batches through the pipeline schedule; returns this rank's (lm, mtp, balance) sums:
+        the last stage's losses, every stage's balance losses."""
+        sums = torch.zeros(3, device=self.device)
+
+        def loss_fn(logits, labels_BT):  # on the last stage, per micro-batch
+            out = lm_output(logits, labels_BT)
+            if not is_recomputing():  # not the schedule's shape inference
+                mtp = torch.stack(out.mtp_loss_sums).mean() if out.mtp_loss_sums else torch.zeros((), device=self.device)
+                sums[:2] += torch.stack([out.lm_loss_sum.detach(), mtp.detach()])
+            return out.loss(n_tokens, mtp_lambda)
+
+        tokens = torch.cat([mb.tokens for mb in micro_batches])
+        with self._autocast():
+            self.pipeline.step(tokens, torch.cat([mb.labels for mb in micro_batches]), len(micro_batches), loss_fn,
+                               **self._stage_kwargs(micro_batches, tokens))
+        bal = pop_balance_loss(self.model)  # every micro-batch's, per layer of this rank's stages
+        sums[2] = sum(bal.values(), torch.zeros((), device=self.device)) * micro_batches[0].tokens.shape[0] / global_batch
+        return sums
+
+    def _stage_kwargs(self, batches, tokens_BT) -> dict:
+        """What every pipeline stage gets besides its input: the tokens (MTP's embeddings) and document masks."""
+        kwargs = {"tokens_BT": tokens_BT}
+        if self.job.data.document_mask:
+            positions = [b.document_positions() for b in batches]
+            kwargs.update(doc_ids_BT=torch.cat([d for d, _ in positions]),
+                          position_ids_BT=torch.cat([p for _, p in positions]))
+        return kwargs
+
+    def _every_layer(self, layer_ids: list[int], values_L: torch.Tensor) -> torch.Tensor:
+        """A per-MoE-layer vector of this rank's layers, completed with the other pipeline ranks' (all layers)."""
+        if self.pipeline is None:
+            return values_L
+        cfg = self.job.model
+        all_ids = [i for i in range(cfg.n_layers + cfg.n_mtp_layers) if i >= cfg.moe.first_k_dense_replace]
+        full = torch.zeros(len(all_ids), device=self.device)
+        for layer_id, v in zip(layer_ids, values_L):
+            full[all_ids.index(layer_id)] = v
+        return all_reduce_sum(full, self.mesh.pp_group).cpu()
+
+    def _expert_bias_abs_mean(self) -> float:
+        """Mean over every MoE layer (all pipeline ranks) of the mean |expert bias|."""
+        biases = [m.expert_bias.abs().mean() for m in self.model.modules() if hasattr(m, "expert_bias")]
+        t = torch.stack([sum(biases, torch.zeros(())), torch.tensor(float(len(biases)))]).to(self.device)
+        all_reduce_sum(t, self.mesh.pp_group)
+        return float(t[0] / t[1]) if t[1] else 0.0
+
+    def _bubble_per_rank(self, mine: float) -> list[float]:
+        """Each pipeline rank's idle fraction, averaged over the data-parallel replicas."""
+        t = torch.zeros(self.mesh.pp, device=self.device)
+        t[self.mesh.pp_rank] = mine / self.dp
+        return all_reduce_sum(all_reduce_sum(t, self.mesh.dp_group), self.mesh.pp_group).tolist()
 
     def _set_balance_loss_scale(self, scale: float) -> None:
         for m in self.model.modules():
@@ -430,7 +547,10 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         self.strategy.finish_gradients(self.model)
-        return self.strategy.clip_grad_norm(self.model, self.job.optim.grad_clip)
+        if self.pipeline is None:
+            return self.strategy.clip_grad_norm(self.model, self.job.optim.grad_clip)
+        self.pipeline.tie_embedding_grads()
+        return self.strategy.clip_grad_norm(self.model, self.job.optim.grad_clip, self.pipeline.norm_excluded())
 
     def _forward(self, batch):
         if self.job.data.document_mask:
@@ -445,7 +565,7 @@ class Trainer:
             return float("nan")
         blend = Blend([self.sources.val_ranges[i] for i in held_out], [self.sources.weights[i] for i in held_out],
                       seed=0)
-        self.model.eval()
+        self._set_training(False)
         micro, rank = self.job.train.micro_batch_size, self.mesh.dp_rank
         total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for i in range(self.job.train.val_batches):
@@ -454,12 +574,23 @@ class Trainer:
                                    for s in np.unique(src)])
             batch = make_batch(rows, self.loader.eos_id).to(self.device)
             with self._autocast():
-                out = self._forward(batch)
-            total += out.lm_loss_sum.float()
-            count += out.n_tokens
-        self.model.train()
-        all_reduce_sum(total, self.mesh.dp_group), all_reduce_sum(count, self.mesh.dp_group)
+                out = self._forward(batch) if self.pipeline is None else self._pipeline_forward(batch)
+            if out is not None:
+                total += out.lm_loss_sum.float()
+                count += out.n_tokens
+        self._set_training(True)
+        for t in (total, count):
+            all_reduce_sum(all_reduce_sum(t, self.mesh.dp_group), self.mesh.pp_group)
         return (total / count.clamp_min(1)).item()
+
+    def _pipeline_forward(self, batch):
+        """Forward only through the stages; the loss parts on the last stage's ranks, None elsewhere."""
+        logits = self.pipeline.forward_only(batch.tokens, **self._stage_kwargs([batch], batch.tokens))
+        return None if logits is None else lm_output(logits, batch.labels)
+
+    def _set_training(self, mode: bool) -> None:
+        for module in [self.model] + (self.pipeline.stages if self.pipeline is not None else []):
+            module.train(mode)
 
     def _log_step(self, stats: dict, step_seconds: float) -> None:
         tokens = stats["global_batch"] * self.job.train.seq_len
@@ -471,10 +602,12 @@ class Trainer:
             tokens_per_s=tokens_per_s, tflops=tflops, mfu=tflops / self.peak if self.peak else None,
             max_violation=float(maxvio.mean()) if maxvio.numel() else 0.0,
             max_violation_per_layer=[round(float(v), 4) for v in maxvio],
-            expert_bias_abs_mean=_expert_bias_abs_mean(self.model), memory_gb=memory_gb(self.device),
+            expert_bias_abs_mean=self._expert_bias_abs_mean(), memory_gb=memory_gb(self.device),
             tokens_seen=self.tokens_seen, global_batch=stats["global_batch"], mtp_lambda=stats["mtp_lambda"])
         if "val_loss" in stats:
             record["val_loss"] = stats["val_loss"]
+        if self.pipeline is not None:
+            record["pipeline_bubble_per_rank"] = [round(b, 4) for b in self._bubble_per_rank(self.pipeline.pop_bubble())]
         if self.mesh.ep > 1:  # over every token of the steps since the last record, all ranks
             from moetrain.parallel.expert_parallel import pop_dispatch_stats
 
@@ -529,9 +662,6 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _expert_bias_abs_mean(model) -> float:
-    biases = [m.expert_bias.abs().mean() for m in model.modules() if hasattr(m, "expert_bias")]
-    return float(torch.stack(biases).mean()) if biases else 0.0
 
 
 def run(job: JobConfig) -> list[float]:

@@ -51,7 +51,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from moetrain.checkpoint.integrity import (COMPLETE, CONFIG, METADATA, TRAINER_STATE, checksum_files, read_marker,
                                            read_trainer_state, verify_complete, write_complete_marker)
@@ -62,6 +63,8 @@ __all__ = ["COMPLETE", "TRAINER_STATE", "CheckpointError", "CheckpointManager", 
            "write_complete_marker"]
 
 _PREFIX = "step_"
+# Optimizer state as one entry per parameter name, which pipeline ranks holding different parameters can share.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 # Fault injection for the crash tests, between the tensor writes and COMPLETE: "kill_during_save" dies by
 # SIGKILL, "sleep_during_save" sleeps (a window for a test's SIGINT).
 FAULT_ENV = "MOETRAIN_FAULT_INJECT"
@@ -347,9 +350,13 @@ class CheckpointManager:
             load_state(state, path, no_dist)
             self._load_state_dict(model, optimizer, state["model"], None)
             return trainer_state
-        state = {"model": model_sd, "optim": optim_sd}
+        # The optimizer's tensors only: the hyperparameters (param_groups) are this run's config, and their saved
+        # form differs between layouts (one entry per parameter name, or DeepSpeed's per-group lists).
+        state = {"model": model_sd, "optim": _optimizer_tensors(optim_sd)}
         load_state(state, path, no_dist)
-        self._load_state_dict(model, optimizer, state["model"], state["optim"])
+        if "state" not in optim_sd:  # flattened: the loaded entries were copied out of optim_sd
+            optim_sd.update(state["optim"])
+        self._load_state_dict(model, optimizer, state["model"], optim_sd)
         rng = path / "rng" / f"rank_{self.rank}.safetensors"
         saved_world = read_marker(path).get("world_size")
         if rng.exists() and saved_world == self.world_size:
@@ -363,7 +370,7 @@ class CheckpointManager:
     def _state_dict(self, model, optimizer) -> tuple[dict, dict]:
         if self.strategy is not None:
             return self.strategy.state_dict(model, optimizer)
-        return get_state_dict(model, optimizer)
+        return get_state_dict(model, optimizer, options=_FLAT)
 
     def _load_state_dict(self, model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
         if self.strategy is not None:
@@ -371,7 +378,7 @@ class CheckpointManager:
         elif optim_sd is None:
             set_model_state_dict(model, model_sd)
         else:
-            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_FLAT)
 
     def _from_rank0(self, obj):
         """Rank 0's ``obj`` on every rank (small, picklable; sent between trusted ranks, never read from disk)."""
@@ -421,6 +428,14 @@ def _first_non_finite(model, optimizer) -> str | None:
         if not bool(torch.isfinite(named[i][1].detach()).all()):
             return named[i][0]
     return None
+
+
+def _optimizer_tensors(optim_sd: dict) -> dict:
+    """The per-parameter states of an optimizer state dict, nested (``{"state": {name: {...}}}``) or flattened
+    (``{"state.<name>.exp_avg": ...}``); both are stored under the same ``optim.state.<name>.<key>`` items."""
+    if "state" in optim_sd:
+        return {"state": optim_sd["state"]}
+    return {k: v for k, v in optim_sd.items() if k.startswith("state.")}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

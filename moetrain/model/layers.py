@@ -18,7 +18,8 @@ _recompute_state = threading.local()
 
 
 def is_recomputing() -> bool:
-    """True while :func:`recomputed` re-runs a forward inside backward.
+    """True while a forward runs again, or on placeholder inputs, and its side effects must not count: inside
+    :func:`recomputed`'s backward, or a pipeline stage's shape inference (see :func:`replaying`).
 
     Forward side effects (token counts, balance-loss metrics) check it so that they happen once per real forward.
     """
@@ -26,7 +27,8 @@ def is_recomputing() -> bool:
 
 
 @contextlib.contextmanager
-def _mark_recomputing():
+def replaying():
+    """Forwards inside do not count (:func:`is_recomputing` is true)."""
     prev, _recompute_state.active = is_recomputing(), True
     try:
         yield
@@ -35,7 +37,7 @@ def _mark_recomputing():
 
 
 def _recompute_contexts():
-    return contextlib.nullcontext(), _mark_recomputing()
+    return contextlib.nullcontext(), replaying()
 
 
 @torch.compiler.disable(recursive=False)  # dynamo cannot trace a custom context_fn; fn itself still compiles

@@ -2,8 +2,9 @@
 
 Pipeline slicing (the seam for pipeline parallelism): ``embed``, ``layers`` (a ModuleDict keyed by the global layer
 index, so parameter names survive when a stage keeps only a contiguous range), ``norm``, ``head`` and ``mtp`` are
-top-level attributes, and a block's forward takes and returns tensors only.
-TODO(pipeline issue): a stage forward that skips the parts a stage does not own.
+top-level attributes, and a block's forward takes and returns tensors only. A pipeline stage
+(:mod:`moetrain.parallel.pipeline`) is a Transformer holding some of them: without the embedding it takes hidden
+states, without the head it returns them, and its last stage returns the head's logits for :func:`lm_output`.
 
 Shapes: B batch, T tokens, D model dim, V vocabulary.
 """
@@ -92,6 +93,19 @@ class LMOutput:
 torch.utils._pytree.register_dataclass(LMOutput)
 
 
+def lm_output(logits: tuple[torch.Tensor, ...] | list[torch.Tensor], labels_BT: torch.Tensor) -> LMOutput:
+    """The loss function: main and MTP loss sums from the head's logits ``(main, depth 1, ..., depth D)``.
+
+    Depth k at position i predicts t_{i+k+1}: its labels are the main labels shifted by k, the last k unscored.
+    """
+    out = LMOutput(logits[0], _ce_sum(logits[0], labels_BT), n_tokens=(labels_BT != IGNORE_INDEX).sum())
+    for k, logits_k in enumerate(logits[1:], start=1):
+        labels_k = labels_BT.roll(-k, dims=1)
+        labels_k[:, -k:] = IGNORE_INDEX
+        out.mtp_loss_sums.append(_ce_sum(logits_k, labels_k))
+    return out
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -102,33 +116,40 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleDict({str(k): MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp_layers)})
         self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
+        # What a pipeline stage owns (set by moetrain.parallel.pipeline): the embedding of its input (else the
+        # input is a hidden state), the norm, head and MTP modules (else it returns the hidden state).
+        self.is_first, self.is_last, self.is_stage = True, True, False
 
-    def forward(self, tokens_BT: torch.Tensor, labels_BT: torch.Tensor | None = None,
-                doc_ids_BT: torch.Tensor | None = None, position_ids_BT: torch.Tensor | None = None):
-        """Without labels: logits [B, T, V]. With labels: an :class:`LMOutput` (main and MTP loss sums).
+    def forward(self, x: torch.Tensor, labels_BT: torch.Tensor | None = None, doc_ids_BT: torch.Tensor | None = None,
+                position_ids_BT: torch.Tensor | None = None, tokens_BT: torch.Tensor | None = None):
+        """Whole model: ``x`` = tokens [B, T]; without labels the logits [B, T, V], with labels an
+        :class:`LMOutput` (main and MTP loss sums).
 
-        doc_ids_BT restricts attention to each packed document; position_ids_BT restarts RoPE per document.
+        Pipeline stage: ``x`` = tokens on the first stage, else the hidden state [B, T, D]; returns the hidden state,
+        or on the last stage the logits of the main head and of every MTP depth (for :func:`lm_output`), whose
+        embeddings need ``tokens_BT``. doc_ids_BT restricts attention to each packed document; position_ids_BT
+        restarts RoPE per document.
         """
-        T = tokens_BT.shape[1]
+        T = x.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         freqs_cis = self.freqs_cis[:T] if position_ids_BT is None else self.freqs_cis[position_ids_BT]
         attn_mask = None if doc_ids_BT is None else document_causal_mask(doc_ids_BT)
-        h = self.embed(tokens_BT)
+        h = self.embed(x) if self.is_first else x
         for block in self.layers.values():
             h = block(h, freqs_cis, attn_mask)
+        if not self.is_last:
+            return h
         h = self.norm(h)  # h_0 of the MTP modules is the normed state too
-        logits = self.head(h)
-        if labels_BT is None:
-            return logits
-        out = LMOutput(logits, _ce_sum(logits, labels_BT), n_tokens=(labels_BT != IGNORE_INDEX).sum())
+        logits = [self.head(h)]
+        if labels_BT is None and not self.is_stage:
+            return logits[0]
+        tokens_BT = x if tokens_BT is None and self.is_first else tokens_BT
         for k, mtp in enumerate(self.mtp.values(), start=1):
-            # Position i sees Emb(t_{i+k}) and predicts t_{i+k+1}; the last k positions have no target.
+            # Position i sees Emb(t_{i+k}) and predicts t_{i+k+1}.
             h = mtp(h, self.embed(tokens_BT.roll(-k, dims=1)), freqs_cis, attn_mask)
-            labels_k = labels_BT.roll(-k, dims=1)
-            labels_k[:, -k:] = IGNORE_INDEX
-            out.mtp_loss_sums.append(_ce_sum(self.head(h), labels_k))
-        return out
+            logits.append(self.head(h))
+        return tuple(logits) if self.is_stage else lm_output(logits, labels_BT)
 
 
 def _ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

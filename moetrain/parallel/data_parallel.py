@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moetrain.model.moe import MoE
@@ -17,8 +18,12 @@ from moetrain.model.transformer import Transformer
 from moetrain.parallel.mesh import ParallelMesh
 
 
-def apply_fsdp(model: Transformer, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32) -> None:
+def apply_fsdp(model: Transformer, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32,
+               roots: list[nn.Module] | None = None) -> None:
     """Shard parameters, gradients and optimizer state over the data-parallel ranks (fp32 master weights).
+
+    ``roots``: the modules forward runs on, each an FSDP root holding the parameters outside the blocks (default
+    the model; pipeline stages otherwise).
 
     ``param_dtype=bfloat16`` (GPU): units gather bf16 parameters and reduce gradients in fp32, except the routers,
     units of their own that stay fp32 (DeepSeek-V3 keeps the gate in full precision).
@@ -35,7 +40,7 @@ def apply_fsdp(model: Transformer, mesh: ParallelMesh, param_dtype: torch.dtype 
         units += [fully_shard(m.experts, mesh=edp_mesh, mp_policy=policy) for m in moes]
     for block in list(model.layers.values()) + list(model.mtp.values()):
         units.append(fully_shard(block, mesh=mesh.dp_mesh, mp_policy=policy))
-    units.append(fully_shard(model, mesh=mesh.dp_mesh, mp_policy=policy))
+    units += [fully_shard(root, mesh=mesh.dp_mesh, mp_policy=policy) for root in roots or [model]]
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # sum over ranks
         # NOTE: plain SUM collectives (gloo has no PREMUL_SUM; NCCL transfers them zero-copy too).
@@ -43,23 +48,30 @@ def apply_fsdp(model: Transformer, mesh: ParallelMesh, param_dtype: torch.dtype 
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group=None) -> float:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group=None, stage_group=None,
+                   uncounted: frozenset[int] = frozenset()) -> float:
     """One global gradient norm over every parameter, whatever mesh it is sharded on; clip to ``max_norm``.
 
     FSDP2 shards dense parameters over dp and experts over (edp, ep): either way each rank holds a disjoint piece,
     so the squared norms of the local pieces summed over the data-parallel ``group`` give the whole norm (torch's
     clip_grad_norm_ cannot mix DTensors of different meshes). Plain tensors are replicated and counted once.
+    Pipeline stages hold disjoint parameters: their squared norms are summed over ``stage_group``. Parameters whose
+    id is in ``uncounted`` are clipped but not counted (a tied copy whose gradient its original already counts).
     """
     grads = [p.grad for p in params if p.grad is not None]
-    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
-    replicated = [g for g in grads if not isinstance(g, DTensor)]
+    counted = [p.grad for p in params if p.grad is not None and id(p) not in uncounted]
+    sharded = [g.to_local() for g in counted if isinstance(g, DTensor)]
+    replicated = [g for g in counted if not isinstance(g, DTensor)]
     zero = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     sharded_sq = sum((g.float().pow(2).sum() for g in sharded), zero.clone())
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(sharded_sq, group=group)
-    total = (sharded_sq + sum((g.float().pow(2).sum() for g in replicated), zero.clone())).sqrt()
+    total_sq = sharded_sq + sum((g.float().pow(2).sum() for g in replicated), zero.clone())
+    if stage_group is not None and dist.get_world_size(stage_group) > 1:
+        dist.all_reduce(total_sq, group=stage_group)
+    total = total_sq.sqrt()
     if max_norm and total.isfinite():
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in sharded + replicated:
-            g.mul_(coef.to(g.dtype))
+        for g in grads:
+            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
     return float(total)

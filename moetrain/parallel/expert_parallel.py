@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moetrain.model.experts import GroupedExperts
+from moetrain.model.layers import is_recomputing
 
 
 class _AllToAll(torch.autograd.Function):
@@ -89,7 +90,8 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor):
         (T, K), E, L, P = topk_idx_TK.shape, self.n_experts, self.n_local_experts, self.ep_size
-        if T:
+        counted = not is_recomputing()  # metrics count each real forward once
+        if T and counted:
             with torch.no_grad():
                 self._ranks_sum += routing_ranks_per_token(topk_idx_TK, E, P) * T
         flat_idx_N = topk_idx_TK.flatten()
@@ -108,7 +110,8 @@ class AllToAllDispatcher:
         sizes = sizes.tolist()  # the one host sync of the layer
         send_splits, recv_splits, M, dropped = sizes[:P], sizes[P:2 * P], sizes[2 * P], sizes[2 * P + 1]
         self.last_dropped_fraction = dropped / (T * K) if T else 0.0
-        self._tokens, self._dropped, self._copies = self._tokens + T, self._dropped + dropped, self._copies + T * K
+        if counted:
+            self._tokens, self._dropped, self._copies = self._tokens + T, self._dropped + dropped, self._copies + T * K
 
         # index_select, not x_TD[...]: its backward (index_add) is ~2.5x faster on CPU than indexing's index_put.
         recv_RD = _AllToAll.apply(x_TD.index_select(0, order_S // K), recv_splits, send_splits, self.group)

@@ -37,8 +37,10 @@ class DataParallelStrategy:
         self.mesh = mesh
         self.param_dtype = param_dtype  # what the wrapper may cast parameters to for compute (fp32 masters stay)
 
-    def parallelize(self, model: nn.Module) -> None:
-        """Shard or mark parameters on the meta model (before materialisation); nothing by default."""
+    def parallelize(self, model: nn.Module, roots: list[nn.Module] | None = None) -> None:
+        """Shard or mark parameters on the meta model (before materialisation); nothing by default.
+
+        ``roots``: the modules forward is called on when that is not ``model`` (pipeline stages)."""
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         """(what the trainer calls forward on, the optimizer), after initialisation."""
@@ -54,9 +56,10 @@ class DataParallelStrategy:
     def finish_gradients(self, model: nn.Module) -> None:
         """Reductions that backward did not do (called once per optimizer step, before clipping)."""
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        """The global gradient norm before clipping; gradients are clipped to ``max_norm`` (0: not clipped)."""
-        return clip_grad_norm(list(model.parameters()), max_norm, self.mesh.dp_group)
+    def clip_grad_norm(self, model: nn.Module, max_norm: float, uncounted: frozenset[int] = frozenset()) -> float:
+        """The global gradient norm before clipping, over every stage; gradients are clipped to ``max_norm`` (0: not
+        clipped). ``uncounted``: ids of parameters clipped but left out of the norm (a tied copy counted elsewhere)."""
+        return clip_grad_norm(list(model.parameters()), max_norm, self.mesh.dp_group, self.mesh.pp_group, uncounted)
 
     def step(self, optimizer) -> None:
         optimizer.step()
@@ -66,26 +69,29 @@ class DataParallelStrategy:
         optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        """Optimizer state flattened to one entry per parameter name (``state.<name>.exp_avg``,
+        ``param_groups.<name>.lr``), so that pipeline ranks holding different parameters save and load it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(model, optimizer)
+        return get_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
 
     def load_state_dict(self, model: nn.Module, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
         """Set the model (and the optimizer, unless ``optim_sd`` is None) from state of :meth:`state_dict`'s form."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
         if optim_sd is None:
             set_model_state_dict(model, model_sd)
         else:
-            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                           options=StateDictOptions(flatten_optimizer_state_dict=True))
 
 
 class FSDPStrategy(DataParallelStrategy):
     """FSDP2: dense units on the data-parallel mesh, each MoE layer's experts on the expert-data-parallel mesh."""
 
-    def parallelize(self, model: nn.Module) -> None:
+    def parallelize(self, model: nn.Module, roots: list[nn.Module] | None = None) -> None:
         if self.mesh.dp > 1:
-            apply_fsdp(model, self.mesh, self.param_dtype)
+            apply_fsdp(model, self.mesh, self.param_dtype, roots)
 
 
 class DDPStrategy(DataParallelStrategy):
@@ -112,7 +118,7 @@ class DDPStrategy(DataParallelStrategy):
             if isinstance(p, DTensor) and p.grad is not None:
                 all_reduce_sum(p.grad.to_local(), self.mesh.edp_group)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+    def clip_grad_norm(self, model: nn.Module, max_norm: float, uncounted: frozenset[int] = frozenset()) -> float:
         # Dense gradients are whole on every rank (replicated) and expert ones are DTensors over ep: the ep group is
         # the one whose pieces are disjoint; the edp ranks hold equal copies.
         return clip_grad_norm(list(model.parameters()), max_norm, self.mesh.ep_group)
