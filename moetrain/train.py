@@ -327,7 +327,7 @@ class Trainer:
         model, stages = split_stages(model, layout, stage_ids)
         for stage in stages:
             stage.train()
-        self.pipeline = Pipeline(spec, layout, stage_ids, stages, mesh, self.device)
+        self.pipeline = Pipeline(spec, layout, stage_ids, stages, mesh, self.device, self.job.train.recompute != "none")
         return model, stages
 
     def _pipeline_note(self) -> str:

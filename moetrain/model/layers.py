@@ -26,14 +26,19 @@ def is_recomputing() -> bool:
     return getattr(_recompute_state, "active", False)
 
 
-@contextlib.contextmanager
-def replaying():
-    """Forwards inside do not count (:func:`is_recomputing` is true)."""
-    prev, _recompute_state.active = is_recomputing(), True
-    try:
-        yield
-    finally:
-        _recompute_state.active = prev
+class replaying:  # noqa: N801 (a context manager used like a function)
+    """Forwards inside do not count (:func:`is_recomputing` is true). Re-enterable: a schedule that splits
+    backward into input and weight gradients recomputes a checkpointed block twice with the same context."""
+
+    def __init__(self):
+        self._saved: list[bool] = []
+
+    def __enter__(self):
+        self._saved.append(is_recomputing())
+        _recompute_state.active = True
+
+    def __exit__(self, *exc):
+        _recompute_state.active = self._saved.pop()
 
 
 def _recompute_contexts():

@@ -108,8 +108,9 @@ class Pipeline:
     """This rank's stages, their schedules (one per micro-batch count) and the tied embedding."""
 
     def __init__(self, spec: ScheduleSpec, layout: list[list[int]], stage_ids: list[int], stages: list[Transformer],
-                 mesh: ParallelMesh, device: torch.device):
+                 mesh: ParallelMesh, device: torch.device, recompute: bool = False):
         self.spec, self.layout, self.stage_ids, self.stages = spec, layout, stage_ids, stages
+        self.recompute = recompute  # activation recomputation is on (train.recompute)
         self.mesh, self.device = mesh, device
         self.n_stages = len(layout)
         self.ranks = stage_ranks(mesh.pp, self.n_stages, spec.v_shaped)
@@ -123,7 +124,8 @@ class Pipeline:
         if n_micro not in self._schedules:
             from torch.distributed import pipelining
 
-            timed = [_TimedStage(stage, s, self.n_stages, self.device, group=self.mesh.pp_group)
+            timed = [_TimedStage(stage, s, self.n_stages, self.device, group=self.mesh.pp_group,
+                                 dw_builder=_full_backward if self._whole_backward(stage) else None)
                      for s, stage in zip(self.stage_ids, self.stages)]
             cls = getattr(pipelining, f"Schedule{self.spec.name}")
             # scale_grads=False: the loss is already this micro-batch's share of the global mean.
@@ -132,6 +134,15 @@ class Pipeline:
         schedule, timed = self._schedules[n_micro]
         self._loss_fn = loss_fn
         return schedule, timed
+
+    def _whole_backward(self, stage: Transformer) -> bool:
+        """Whether a zero-bubble schedule must run this stage's weight gradients with its input gradients.
+
+        NOTE: torch 2.13's split backward (stage_backward_input / _weight) fails or double-counts when one weight
+        is used at several points of one autograd path (pytorch/pytorch#180952): the shared head of the MTP
+        depths on the last stage, and recomputed blocks (their forward re-runs inside the input pass).
+        """
+        return (stage.is_last and bool(stage.cfg.n_mtp_layers)) or self.recompute
 
     def _loss(self, outputs, labels_BT):
         return self._loss_fn(outputs, labels_BT)
@@ -164,7 +175,7 @@ class Pipeline:
 
     # --------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def forward_only(self, tokens_BT: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...] | None:
+    def forward_only(self, inputs_BT: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...] | None:
         """One batch through every stage in order, forward only; the last stage's rank gets its logits."""
         group, me = self.mesh.pp_group, self.mesh.pp_rank
         h, logits = None, None
@@ -172,9 +183,9 @@ class Pipeline:
             if self.ranks[s] != me:
                 continue
             if s == 0:
-                h = tokens_BT
+                h = inputs_BT
             elif self.ranks[s - 1] != me:
-                h = _recv(tokens_BT.shape + (self.stages[0].cfg.dim,), self.ranks[s - 1], group, self.device)
+                h = _recv(inputs_BT.shape + (self.stages[0].cfg.dim,), self.ranks[s - 1], group, self.device)
             out = self.stages[self.stage_ids.index(s)](h, **kwargs)
             if s == self.n_stages - 1:
                 logits = out
@@ -238,6 +249,11 @@ class Pipeline:
         if not torch.equal(both[0], both[1]):
             raise RuntimeError("pipeline: the last stage's copy of the embedding differs from the first stage's "
                                f"(sums {both[0].tolist()} vs {both[1].tolist()})")
+
+
+def _full_backward():
+    """A stage's weight pass when its input pass already computed every gradient."""
+    return lambda: None
 
 
 def _idle(busy_s: float, wall_s: float) -> float:
