@@ -136,10 +136,13 @@ class ParallelConfig:
         chunks = chunks_per_rank(spec, self.pp_chunks)
         resolve_layout(model, self.pp * chunks, self.pp_layout, train.seq_len)
         unit = train.micro_batch_size * self.data_parallel_size(world_size)
-        for key, batch in (("train.global_batch_size", train.global_batch_size),
-                           ("train.batch_ramp_start", train.batch_ramp_start)):
-            if batch:
-                spec.check_microbatches(batch // unit, self.pp, chunks, key)
+        spec.check_microbatches(train.global_batch_size // unit, self.pp, chunks, "train.global_batch_size")
+        if train.batch_ramp_start:  # the ramp steps through every multiple of micro_batch_size * dp
+            for m in range(train.batch_ramp_start // unit, train.global_batch_size // unit):
+                spec.check_microbatches(m, self.pp, chunks, "train.batch_ramp_start")
+        require(not (train.compile and spec.name in ("ZBVZeroBubble", "DualPipeV")), "train.compile",
+                f"{spec.name} splits backward into input and weight passes, which torch does not run through "
+                "compiled blocks; use train.compile=false or another parallel.pp_schedule")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.pp if self.dp == -1 else self.dp

@@ -530,7 +530,8 @@ class Trainer:
     def _expert_bias_abs_mean(self) -> float:
         """Mean over every MoE layer (all pipeline ranks) of the mean |expert bias|."""
         biases = [m.expert_bias.abs().mean() for m in self.model.modules() if hasattr(m, "expert_bias")]
-        t = torch.stack([sum(biases, torch.zeros(())), torch.tensor(float(len(biases)))]).to(self.device)
+        t = torch.tensor([0.0, float(len(biases))], device=self.device)
+        t[0] = sum(biases, torch.zeros((), device=self.device))
         all_reduce_sum(t, self.mesh.pp_group)
         return float(t[0] / t[1]) if t[1] else 0.0
 

@@ -167,3 +167,32 @@ def test_resume_with_another_architecture_names_the_key(tmp_path):
     trainer = Trainer(small_job(tmp_path, "train.steps=2", "model.moe.n_routed_experts=12", "model.moe.router.n_group=4"))
     with pytest.raises(ValueError, match="model.moe.n_routed_experts"):
         trainer.resume_or_init()
+
+
+def test_checkpoint_with_nested_optimizer_state_still_resumes(tmp_path):
+    """Checkpoints saved before the optimizer state was flattened per parameter name (and DeepSpeed's, which is
+    nested) store the same ``optim.state.<name>.<key>`` items: they resume with every Adam state intact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from moetrain.checkpoint.integrity import write_complete_marker
+
+    first = Trainer(small_job(tmp_path / "a", "train.steps=2"))
+    first.resume_or_init()
+    first.fit()
+    ckpt = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    for f in ckpt.glob("*.distcp"):
+        f.unlink()
+    model_sd, optim_sd = get_state_dict(first.model, first.optimizer)  # the nested form
+    assert "state" in optim_sd and isinstance(optim_sd["param_groups"], list)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt), no_dist=True)
+    write_complete_marker(ckpt, 2, 1)
+    resumed = Trainer(small_job(tmp_path / "b", f"checkpoint.resume={ckpt}", "train.steps=3"))
+    resumed.resume_or_init()
+    assert resumed.step == 2
+    want, got = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert want.keys() == got.keys() and want
+    for i in want:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got[i][key], want[i][key]), (i, key)
+    resumed.close()

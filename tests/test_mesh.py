@@ -35,21 +35,17 @@ BATCH = ["train.global_batch_size=64", "train.micro_batch_size=1"]  # divisible 
      "parallel.offload_optimizer: only dp_strategy=deepspeed offloads the optimizer, got dp_strategy=fsdp"),
 ])
 def test_impossible_layout_is_named_with_its_arithmetic(monkeypatch, world, overrides, key, message):
-    """Checked before the trainer's refusals of pp > 1, ep > 1 and deepspeed, and before any process group."""
+    """Checked before the trainer's own refusals and before any process group."""
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(ConfigError) as e:
         to_job_config(compose([*BATCH, *overrides]))
     assert e.value.key == key and str(e.value).startswith(message), str(e.value)
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["parallel.pp=2"], "parallel.pp"),
-])
-def test_valid_layout_the_trainer_lacks_is_refused_as_unavailable(monkeypatch, overrides, key):
+def test_full_mesh_layout_is_accepted(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError) as e:
-        to_job_config(compose([*BATCH, *overrides]))
-    assert e.value.key == key and "in this version" in str(e.value), str(e.value)
+    job = to_job_config(compose([*BATCH, "parallel.pp=2", "parallel.ep=2"]))
+    assert (job.parallel.pp, job.parallel.data_parallel_size(4), job.parallel.ep) == (2, 2, 2)
 
 
 def test_deepspeed_zero2_with_offload_is_accepted(monkeypatch):

@@ -8,7 +8,6 @@ reference by a clear margin, so it cannot pass either way.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import make_model, small_config
 from moetrain.model import IGNORE_INDEX

@@ -116,9 +116,25 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleDict({str(k): MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp_layers)})
         self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
-        # What a pipeline stage owns (set by moetrain.parallel.pipeline): the embedding of its input (else the
-        # input is a hidden state), the norm, head and MTP modules (else it returns the hidden state).
+        # What a pipeline stage owns (see stage()): the embedding of its input (else the input is a hidden state),
+        # the norm, head and MTP modules (else it returns the hidden state).
         self.is_first, self.is_last, self.is_stage = True, True, False
+
+    def stage(self, layer_ids: list[int], first: bool, last: bool, embed: nn.Embedding | None) -> "Transformer":
+        """A pipeline stage sharing this model's modules: blocks ``layer_ids``, ``embed`` (the first stage's input
+        embedding, or the last stage's for MTP), and on the last stage the norm, head and MTP modules."""
+        stage = Transformer.__new__(Transformer)
+        nn.Module.__init__(stage)
+        stage.cfg = self.cfg
+        stage.is_first, stage.is_last, stage.is_stage = first, last, True
+        if embed is not None:
+            stage.embed = embed
+        stage.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in layer_ids})
+        if last:
+            stage.norm, stage.head = self.norm, self.head
+        stage.mtp = self.mtp if last else nn.ModuleDict()
+        stage.register_buffer("freqs_cis", self.freqs_cis, persistent=False)
+        return stage
 
     def forward(self, x: torch.Tensor, labels_BT: torch.Tensor | None = None, doc_ids_BT: torch.Tensor | None = None,
                 position_ids_BT: torch.Tensor | None = None, tokens_BT: torch.Tensor | None = None):

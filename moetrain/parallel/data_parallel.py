@@ -31,16 +31,19 @@ def apply_fsdp(model: Transformer, mesh: ParallelMesh, param_dtype: torch.dtype 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Pipeline stages run several micro-batches' forwards before their backwards: keep the gathered parameters
+    # for the step instead of gathering them again for every micro-batch (as torchtitan does with pp).
+    shard = dict(mesh=mesh.dp_mesh, reshard_after_forward=roots is None)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     units = []
     if param_dtype != torch.float32:
-        units += [fully_shard(m.gate, mesh=mesh.dp_mesh, mp_policy=MixedPrecisionPolicy()) for m in moes]
+        units += [fully_shard(m.gate, mp_policy=MixedPrecisionPolicy(), **shard) for m in moes]
     if mesh.ep > 1:
-        edp_mesh = mesh.device_mesh["edp"]
-        units += [fully_shard(m.experts, mesh=edp_mesh, mp_policy=policy) for m in moes]
+        edp = dict(shard, mesh=mesh.device_mesh["edp"])
+        units += [fully_shard(m.experts, mp_policy=policy, **edp) for m in moes]
     for block in list(model.layers.values()) + list(model.mtp.values()):
-        units.append(fully_shard(block, mesh=mesh.dp_mesh, mp_policy=policy))
-    units += [fully_shard(root, mesh=mesh.dp_mesh, mp_policy=policy) for root in roots or [model]]
+        units.append(fully_shard(block, mp_policy=policy, **shard))
+    units += [fully_shard(root, mp_policy=policy, **shard) for root in roots or [model]]
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # sum over ranks
         # NOTE: plain SUM collectives (gloo has no PREMUL_SUM; NCCL transfers them zero-copy too).

@@ -29,7 +29,7 @@ from torch.distributed.pipelining import PipelineStage
 from moetrain.model.layers import replaying
 from moetrain.model.transformer import Transformer
 from moetrain.parallel.mesh import ParallelMesh
-from moetrain.parallel.pipeline_layout import ScheduleSpec, stage_ranks, stages_of_rank
+from moetrain.parallel.pipeline_layout import ScheduleSpec, stage_ranks
 
 
 def split_stages(model: Transformer, layout: list[list[int]], stage_ids: list[int]) -> tuple[Transformer,
@@ -41,19 +41,10 @@ def split_stages(model: Transformer, layout: list[list[int]], stage_ids: list[in
     stages = []
     for s in stage_ids:
         first, last = s == 0, s == n_stages - 1
-        stage = Transformer.__new__(Transformer)
-        nn.Module.__init__(stage)
-        stage.cfg = model.cfg
-        stage.is_first, stage.is_last, stage.is_stage = first, last, True
+        embed = None
         if first or (last and mtp):
-            stage.embed = copy.deepcopy(model.embed) if last and owns_first and not first else model.embed
-        stage.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layout[s]})
-        if last:
-            stage.norm, stage.head, stage.mtp = model.norm, model.head, model.mtp
-        else:
-            stage.mtp = nn.ModuleDict()
-        stage.register_buffer("freqs_cis", model.freqs_cis, persistent=False)
-        stages.append(stage)
+            embed = copy.deepcopy(model.embed) if last and owns_first and not first else model.embed
+        stages.append(model.stage(layout[s], first, last, embed))
     owned = {i for s in stage_ids for i in layout[s]}
     for i in [i for i in model.layers if int(i) not in owned]:
         del model.layers[i]
@@ -67,10 +58,40 @@ def split_stages(model: Transformer, layout: list[list[int]], stage_ids: list[in
 
 
 class _TimedStage(PipelineStage):
-    """A PipelineStage that adds the time of its forward and backward computations to ``busy_s``, and whose shape
-    inference (a forward and loss on placeholder tensors, at a schedule's first step) leaves no counts behind."""
+    """A PipelineStage that times its forward and backward computations (:meth:`busy_s`), and whose shape
+    inference (a forward and loss on placeholder tensors, at a schedule's first step) leaves no counts behind.
 
-    busy_s = 0.0
+    On CPU the host clock times the work; on CUDA, events on the stream around each chunk (kernels run after the
+    host returns), read once per step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._host_s = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _timed(self, fn, *args, **kwargs):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                end.record()
+                self._events.append((start, end))
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._host_s += time.perf_counter() - t0
+
+    def pop_busy_s(self) -> float:
+        """Seconds of computation since the last call (synchronises with the device on CUDA)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._host_s += sum(s.elapsed_time(e) for s, e in self._events) / 1e3
+            self._events.clear()
+        busy, self._host_s = self._host_s, 0.0
+        return busy
 
     # NOTE: torch 2.13 runs the stage module and the loss on uninitialised tensors to learn the shapes; without
     # this the routers would count those tokens and the balance-loss metric would take their (garbage) values.
@@ -83,25 +104,13 @@ class _TimedStage(PipelineStage):
             return super()._prepare_backward_infra(*args, **kwargs)
 
     def forward_one_chunk(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return super().forward_one_chunk(*args, **kwargs)
-        finally:
-            self.busy_s += time.perf_counter() - t0
+        return self._timed(super().forward_one_chunk, *args, **kwargs)
 
     def backward_one_chunk(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return super().backward_one_chunk(*args, **kwargs)
-        finally:
-            self.busy_s += time.perf_counter() - t0
+        return self._timed(super().backward_one_chunk, *args, **kwargs)
 
     def backward_weight_one_chunk(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return super().backward_weight_one_chunk(*args, **kwargs)
-        finally:
-            self.busy_s += time.perf_counter() - t0
+        return self._timed(super().backward_weight_one_chunk, *args, **kwargs)
 
 
 class Pipeline:
@@ -114,24 +123,28 @@ class Pipeline:
         self.mesh, self.device = mesh, device
         self.n_stages = len(layout)
         self.ranks = stage_ranks(mesh.pp, self.n_stages, spec.v_shaped)
-        self._schedules: dict[int, tuple[object, list[_TimedStage]]] = {}
+        self._schedule_of: tuple[int, object, list[_TimedStage]] | None = None  # (micro-batches, schedule, stages)
         self.busy_s = self.wall_s = 0.0  # since the last pop_bubble
         self.run_busy_s = self.run_wall_s = 0.0
         self.embed_group = _embedding_group(mesh, self.ranks) if stages[0].cfg.n_mtp_layers else None
 
     # --------------------------------------------------------------------------------------- schedules
     def _schedule(self, n_micro: int, loss_fn):
-        if n_micro not in self._schedules:
+        """The schedule for ``n_micro`` micro-batches; a new one (and new stages, whose receive buffers are sized
+        per micro-batch) only when the count changes, as the batch-size ramp does."""
+        if self._schedule_of is None or self._schedule_of[0] != n_micro:
             from torch.distributed import pipelining
 
             timed = [_TimedStage(stage, s, self.n_stages, self.device, group=self.mesh.pp_group,
                                  dw_builder=_full_backward if self._whole_backward(stage) else None)
                      for s, stage in zip(self.stage_ids, self.stages)]
             cls = getattr(pipelining, f"Schedule{self.spec.name}")
+            self._schedule_of = None  # the old stages' buffers go before the new ones are made
             # scale_grads=False: the loss is already this micro-batch's share of the global mean.
-            self._schedules[n_micro] = (cls(timed[0] if len(timed) == 1 and not _multi(cls) else timed, n_micro,
-                                            loss_fn=self._loss, scale_grads=False), timed)
-        schedule, timed = self._schedules[n_micro]
+            schedule = cls(timed[0] if len(timed) == 1 and not _multi(cls) else timed, n_micro, loss_fn=self._loss,
+                           scale_grads=False)
+            self._schedule_of = (n_micro, schedule, timed)
+        _, schedule, timed = self._schedule_of
         self._loss_fn = loss_fn
         return schedule, timed
 
@@ -151,14 +164,16 @@ class Pipeline:
         """Forward and backward of ``n_micro`` micro-batches (the rows of the token ids inputs_BT, split evenly);
         ``loss_fn(logits, labels)`` runs on the last stage per micro-batch; ``kwargs`` (document ids, positions,
         the tokens for MTP) reach every stage."""
-        first_use = n_micro not in self._schedules
+        first_use = self._schedule_of is None or self._schedule_of[0] != n_micro
         schedule, timed = self._schedule(n_micro, loss_fn)
-        busy0 = sum(t.busy_s for t in timed)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the wall clock starts with the device idle
         t0 = time.perf_counter()
         args = (inputs_BT,) if 0 in self.stage_ids else ()
         target = targets_BT if self.n_stages - 1 in self.stage_ids else None
         schedule.step(*args, target=target, return_outputs=False, **kwargs)
-        wall, busy = time.perf_counter() - t0, sum(t.busy_s for t in timed) - busy0
+        busy = sum(t.pop_busy_s() for t in timed)  # on CUDA: waits for the step's last kernels
+        wall = time.perf_counter() - t0
         self.wall_s, self.busy_s = self.wall_s + wall, self.busy_s + busy
         if not first_use:  # the first step of a schedule also infers shapes and connects the stages
             self.run_wall_s, self.run_busy_s = self.run_wall_s + wall, self.run_busy_s + busy

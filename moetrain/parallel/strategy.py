@@ -119,6 +119,7 @@ class DDPStrategy(DataParallelStrategy):
                 all_reduce_sum(p.grad.to_local(), self.mesh.edp_group)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float, uncounted: frozenset[int] = frozenset()) -> float:
+        # ``uncounted`` is for pipeline stages, which run with fsdp only (config.check_supported).
         # Dense gradients are whole on every rank (replicated) and expert ones are DTensors over ep: the ep group is
         # the one whose pieces are disjoint; the edp ranks hold equal copies.
         return clip_grad_norm(list(model.parameters()), max_norm, self.mesh.ep_group)

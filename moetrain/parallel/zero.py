@@ -185,7 +185,8 @@ class DeepSpeedStrategy(DataParallelStrategy):
             self.engine.set_gradient_accumulation_boundary(True)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float, uncounted: frozenset[int] = frozenset()) -> float:
-        """The global gradient norm over every partition (DeepSpeed's own); the clipping happens in :meth:`step`."""
+        """The global gradient norm over every partition (DeepSpeed's own); the clipping happens in :meth:`step`.
+        (``uncounted`` is for pipeline stages, which DeepSpeed does not run.)"""
         opt = self.engine.optimizer
         return float(opt.scaled_global_norm()) / opt.loss_scale
 
