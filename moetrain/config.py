@@ -148,12 +148,39 @@ class ParallelConfig:
         return world_size // self.pp if self.dp == -1 else self.dp
 
 
+FP8_PROVIDERS = ("te", "native")
+FP8_RECIPES = ("blockwise", "current", "delayed", "mxfp8")
+
+
+@dataclass
+class FP8Config:
+    """precision.dtype=fp8: which library quantises and which scaling recipe (see moetrain.precision)."""
+
+    provider: str = "te"  # te (Transformer Engine, GPU) | native (torch; Hopper GEMMs, or emulated on CPU)
+    recipe: str = "blockwise"  # blockwise (DeepSeek-V3: 1x128 / 128x128) | current | delayed | mxfp8 (te only)
+    pow2_scales: bool = False  # native: round every scale up to a power of two (TE's recipes choose their own)
+    fallback: str = "none"  # none: refuse where FP8 cannot run | bf16: warn once and train in bf16
+
+    def validate(self, prefix: str = "precision.fp8") -> None:
+        require(self.provider in FP8_PROVIDERS, f"{prefix}.provider", f"must be te or native, got {self.provider!r}")
+        require(self.recipe in FP8_RECIPES, f"{prefix}.recipe",
+                 f"must be one of {', '.join(FP8_RECIPES)}, got {self.recipe!r}")
+        require(self.provider == "te" or self.recipe in ("blockwise", "current"), f"{prefix}.recipe",
+                 f"{self.recipe} scaling is Transformer Engine's; the native provider runs blockwise or current")
+        require(self.fallback in ("none", "bf16"), f"{prefix}.fallback", f"must be none or bf16, got {self.fallback!r}")
+
+
 @dataclass
 class PrecisionConfig:
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: the compute dtype; master weights stay fp32
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8 (FP8 GEMMs, bf16 elsewhere; fp32 elsewhere on CPU).
+    # Master weights, optimizer states and the router stay fp32.
+    dtype: str = "auto"
+    fp8: FP8Config = field(default_factory=FP8Config)
 
     def validate(self, prefix: str = "precision") -> None:
-        require(self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}")
+        require(self.dtype in ("auto", "fp32", "bf16", "fp8"), f"{prefix}.dtype",
+                 f"must be auto, fp32, bf16 or fp8, got {self.dtype!r}")
+        self.fp8.validate(f"{prefix}.fp8")
 
 
 @dataclass

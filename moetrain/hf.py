@@ -19,8 +19,7 @@ import torch
 from moetrain.model.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig, RouterConfig
 from moetrain.model.init import build_model, init_weights
 from moetrain.model.transformer import Transformer
-
-FP8_BLOCK = 128  # DeepSeek-V3 weight quantisation block (128x128)
+from moetrain.precision.blockwise import dequantize_blocks
 
 # moetrain name inside a block -> HF name inside ``model.layers.{i}``.
 _BLOCK_NAMES = {
@@ -229,15 +228,8 @@ class SafetensorsDir:
         t = self._handles[self.weight_map[name]].get_tensor(name)
         scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
         if scale_name in self.weight_map:
-            t = dequantize_fp8_blockwise(t, self._handles[self.weight_map[scale_name]].get_tensor(scale_name))
+            t = dequantize_blocks(t, self._handles[self.weight_map[scale_name]].get_tensor(scale_name))
         return t
-
-
-def dequantize_fp8_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """w = w_fp8 * scale_inv[row // block, col // block] in fp32 (DeepSeek-V3's released weight format)."""
-    rows, cols = w_fp8.shape
-    scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    return w_fp8.float() * scale
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from moetrain.parallel.mesh import all_reduce_sum, build_mesh
 from moetrain.parallel.recompute import apply_recompute
 from moetrain.parallel.strategy import build_strategy
 from moetrain.plan import peak_tflops, training_flops_per_token
+from moetrain.precision import Precision
 from moetrain.resources import conf_dir
 from moetrain.run_dir import RunDirLock, RunDirLocked
 from moetrain.schedules import bias_update_speed_at, global_batch_at, lr_at, mtp_lambda_at
@@ -75,7 +76,8 @@ class Trainer:
     def _setup(self) -> None:
         job = self.job
         seed_everything(job.train.seed)
-        self.compute_dtype = self._compute_dtype()
+        self.precision = Precision(job.precision, self.device, self._warn)
+        self.compute_dtype = self.precision.compute_dtype  # of everything but FP8 GEMMs
         # On GPU, FSDP gathers bf16 parameters (fp32 masters, fp32 gradient reduction); on CPU autocast alone.
         param_dtype = self.compute_dtype if self.device.type == "cuda" else torch.float32
         self.strategy = build_strategy(job.parallel.dp_strategy, self.mesh, param_dtype, self._deepspeed_config())
@@ -101,7 +103,7 @@ class Trainer:
         self._nonfinite_steps = 0  # consecutive
         self._log(f"moetrain: {self.job.model.n_layers} layers, {n_params / 1e6:.2f}M parameters, "
                   f"{self.dp} data-parallel rank(s){f' (ep {self.mesh.ep})' if self.mesh.ep > 1 else ''}"
-                  f"{self._pipeline_note()} on {name}, compute {self.compute_dtype}, "
+                  f"{self._pipeline_note()} on {name}, compute {self.precision}, "
                   f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
                   f"tokens{_entropy_note(self.sources.unigram_entropy)}; run dir {self.run_dir}")
 
@@ -271,12 +273,6 @@ class Trainer:
         return bool(flag.item())
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _compute_dtype(self) -> torch.dtype:
-        choice = self.job.precision.dtype
-        if choice == "auto":
-            choice = "bf16" if self.device.type == "cuda" else "fp32"
-        return torch.bfloat16 if choice == "bf16" else torch.float32
-
     def _deepspeed_config(self) -> dict | None:
         if self.job.parallel.dp_strategy != "deepspeed":
             return None
@@ -292,6 +288,7 @@ class Trainer:
         job = self.job
         model = build_model(job.model, "meta")
         n_params = _count(model)
+        self.precision.convert(model)  # FP8 modules keep every parameter's name and shape
         stages = None
         if self.mesh.pp > 1:
             model, stages = self._split_stages(model)
@@ -349,9 +346,7 @@ class Trainer:
         return sources if sources is not None else build_sources(*args)
 
     def _autocast(self):
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return self.precision.autocast(self.mesh.dp_group)
 
     def _log(self, line: str) -> None:
         log_text(self.run_dir, line, self.is_main)

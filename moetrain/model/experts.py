@@ -38,8 +38,9 @@ class GroupedExperts(nn.Module):
         return self.grouped_mm(h_NF, w2, counts_E)
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w3, w2) of the experts this process computes; expert parallelism returns its own slice."""
-        return self.w1, self.w3, self.w2
+        """(w1, w3, w2) of the experts this process computes: under expert parallelism the weights are distributed
+        tensors (``Shard(0)`` over the ep ranks, global names and shapes) and this process computes its block."""
+        return tuple(w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
 
     def grouped_mm(self, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Per expert e: rows of x_NI belonging to e times w_EOI[e]^T. The seam FP8 providers override."""

@@ -18,9 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
-from moetrain.model.experts import GroupedExperts
 from moetrain.model.layers import is_recomputing
 
 
@@ -167,17 +166,12 @@ def routing_ranks_per_token(topk_idx_TK: torch.Tensor, n_experts: int, ep: int) 
 
 
 # ------------------------------------------------------------------------------------------- applying it
-class ExpertParallelExperts(GroupedExperts):
-    """GroupedExperts whose stacked weights are DTensors sharded over the ep ranks (``Shard(0)``): parameter names
-    and global shapes stay those of the model, so checkpoints reshard across ep sizes; the grouped GEMM runs on
-    this rank's block of experts."""
-
-    def local_weights(self):
-        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
-
-
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor: float | None = None) -> None:
-    """Give every MoE layer the all-to-all dispatcher and only its ep rank's experts (before FSDP, on meta)."""
+    """Give every MoE layer the all-to-all dispatcher and only its ep rank's experts (before FSDP, on meta).
+
+    The stacked expert weights become DTensors sharded over the ep ranks (``Shard(0)``): parameter names and
+    global shapes stay those of the model, so checkpoints reshard across ep sizes, and the experts module (plain
+    or FP8) runs its grouped GEMM on this rank's block (:meth:`GroupedExperts.local_weights`)."""
     from moetrain.model.moe import MoE
 
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
@@ -186,7 +180,6 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, capacity_factor
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(distribute_tensor(full.data, ep_mesh, [Shard(0)]),
                                                 requires_grad=full.requires_grad))
-        experts.__class__ = ExpertParallelExperts
         moe.dispatcher = AllToAllDispatcher(experts.n_experts, ep_mesh.get_group(), capacity_factor=capacity_factor)
 
 

@@ -5,7 +5,7 @@ no second JSON). The model itself stays DeepSpeed-free:
 
 - Experts: DeepSpeed flattens parameters into its own buffers and cannot take DTensors, so with ep > 1 each
   expert weight (a DTensor ``Shard(0)`` over ep after :func:`apply_expert_parallel` and initialisation) becomes a
-  plain parameter holding this rank's ``[E/ep, ...]`` block; :class:`ExpertParallelExperts` and the all-to-all
+  plain parameter holding this rank's ``[E/ep, ...]`` block; :meth:`GroupedExperts.local_weights` and the all-to-all
   dispatcher run on it unchanged. DeepSpeed learns which parameters are experts from ``allreduce = False`` and
   ``group_name = "ep_size_{ep}"`` on them, optimizer groups split by
   ``split_params_into_different_moe_groups_for_optimizer``, and a parameter-free marker module subclassing

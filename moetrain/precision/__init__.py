@@ -1,0 +1,104 @@
+"""Precision: the compute dtype, the FP8 form of a model, and the autocast context the forward runs in.
+
+``precision.dtype``: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp8``: FP8 GEMMs for the
+attention projections, dense and shared-expert MLPs, MTP projections and routed experts, with ``precision.fp8``'s
+provider (``te``: Transformer Engine; ``native``: :mod:`moetrain.precision.native`) and recipe; everything else in
+bf16 (fp32 on CPU, whose bf16 is itself emulated). Master weights, optimizer states and the router stay fp32.
+
+:meth:`Precision.convert` turns the built model (on the meta device, before parallelisation) into its FP8 form;
+the converted modules keep every parameter's name and shape, so checkpoints, HF export and initialisation do not
+depend on the precision. FP8 asked for where it cannot run is refused with the reason and the fix, unless
+``precision.fp8.fallback=bf16`` (then: one warning, bf16 training). The model package never imports TE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from moetrain.config import PrecisionConfig
+from moetrain.model.config import ConfigError
+from moetrain.precision.blockwise import E4M3_MAX, FP8_BLOCK
+
+__all__ = ["E4M3_MAX", "FP8_BLOCK", "Precision"]
+
+
+class Precision:
+    def __init__(self, cfg: PrecisionConfig, device: torch.device, warn: Callable[[str], None] = print):
+        self.cfg, self.device = cfg, device
+        choice = cfg.dtype
+        self.fp8 = cfg.fp8 if choice == "fp8" else None
+        if self.fp8 is not None:
+            reason = _fp8_unavailable(self.fp8.provider, self.fp8.recipe, device)
+            if reason is not None:
+                self._refuse_or_fall_back(reason, warn)
+        if choice in ("auto", "fp8"):
+            choice = "bf16" if device.type == "cuda" or (choice == "fp8" and self.fp8 is None) else "fp32"
+        self.compute_dtype = torch.bfloat16 if choice == "bf16" else torch.float32
+
+    def _refuse_or_fall_back(self, reason: str, warn: Callable[[str], None]) -> None:
+        if self.cfg.fp8.fallback != "bf16":
+            raise ConfigError("precision.fp8.provider", f"{reason}; or set precision.fp8.fallback=bf16 to train in "
+                                                        "bf16 instead")
+        warn(f"precision: FP8 unavailable ({reason}); training in bf16 (precision.fp8.fallback=bf16)")
+        self.fp8 = None
+
+    def __str__(self) -> str:
+        if self.fp8 is None:
+            return str(self.compute_dtype).removeprefix("torch.")
+        return f"fp8 ({self.fp8.provider}, {self.fp8.recipe}; {str(self.compute_dtype).removeprefix('torch.')} elsewhere)"
+
+    def convert(self, model: nn.Module) -> None:
+        """The model's FP8 form, in place (before parallelisation); nothing without FP8."""
+        if self.fp8 is None:
+            return
+        if self.fp8.provider == "te":
+            from moetrain.precision.te import convert_te
+
+            convert_te(model, self.fp8.recipe)
+        else:
+            from moetrain.precision.native import convert_native
+
+            convert_native(model, self.fp8.recipe, self.fp8.pow2_scales)
+
+    def autocast(self, amax_group=None):
+        """The context every forward runs in: bf16 autocast where the compute dtype is bf16, inside TE's FP8
+        autocast for the te provider (``amax_group``: the ranks that share amax statistics, delayed scaling)."""
+        ctx = contextlib.ExitStack()
+        if self.compute_dtype != torch.float32:
+            ctx.enter_context(torch.autocast(self.device.type, dtype=self.compute_dtype))
+        if self.fp8 is not None and self.fp8.provider == "te":
+            from moetrain.precision.te import te_autocast
+
+            ctx.enter_context(te_autocast(self.fp8.recipe, amax_group))
+        return ctx
+
+
+def _fp8_unavailable(provider: str, recipe: str, device: torch.device) -> str | None:
+    """Why FP8 cannot run here (with the fix), or None."""
+    if provider == "native":
+        if device.type == "cpu":
+            return None  # emulated GEMMs: the numerics of the FP8 path, for tests
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (9, 0):
+            return (f"the native FP8 provider needs a Hopper or newer GPU (compute capability >= 9.0), this is "
+                    f"{torch.cuda.get_device_name(device)} ({major}.{minor}); use precision=bf16")
+        return None
+    if device.type != "cuda":
+        return ("Transformer Engine FP8 needs a CUDA GPU; on CPU use precision.fp8.provider=native (emulated "
+                "GEMMs) or precision=fp32")
+    major, minor = torch.cuda.get_device_capability(device)
+    need = (10, 0) if recipe == "mxfp8" else (9, 0)
+    if (major, minor) < need:
+        return (f"FP8 recipe {recipe} needs compute capability >= {need[0]}.{need[1]}, this is "
+                f"{torch.cuda.get_device_name(device)} ({major}.{minor}); use precision=bf16"
+                + ("" if recipe != "mxfp8" else " or precision.fp8.recipe=blockwise"))
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as e:
+        return (f"Transformer Engine is not installed ({e}); pip install 'moetrain[gpu]', or use "
+                "precision.fp8.provider=native")
+    return None

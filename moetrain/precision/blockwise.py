@@ -71,3 +71,9 @@ def fake_quantize_tiles(x: torch.Tensor, pow2: bool = False) -> torch.Tensor:
 def fake_quantize_blocks(w: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """``w`` through 128 x 128 E4M3 blocks and back, in ``w``'s dtype."""
     return dequantize_blocks(*quantize_blocks(w, pow2)).to(w.dtype)
+
+
+def fake_quantize_tensor(x: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+    """``x`` through E4M3 with one scale per matrix (the last two dims; "current" scaling), in ``x``'s dtype."""
+    scale = _scale(x.float().abs().amax(dim=(-2, -1), keepdim=True), pow2)
+    return ((x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale).to(x.dtype)

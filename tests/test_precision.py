@@ -1,0 +1,223 @@
+"""FP8: the blockwise quantisation (E4M3 bounds), the native provider's GEMMs against fp32, converted models keep
+their names, training in native FP8 tracks fp32, checkpoints cross precisions, FP8 expert parallelism equals one
+process, and FP8 is refused where it cannot run. Transformer Engine tests run only with TE and a Hopper GPU."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import small_job
+from moetrain.config import compose, to_job_config
+from moetrain.model import ConfigError, build_model
+from moetrain.model.experts import GroupedExperts, expert_loop_mm
+from moetrain.parallel.init import init_weights
+from moetrain.precision import Precision
+from moetrain.precision.blockwise import (E4M3_MAX, dequantize_blocks, dequantize_tiles, quantize_blocks,
+                                          quantize_tiles)
+from moetrain.precision.native import FP8GroupedExperts, FP8Linear, Quantizers, convert_native
+from moetrain.train import Trainer
+from test_expert_parallel import _assert_close_records, _assert_same_model
+from test_expert_parallel import _train as _train_ep
+
+# E4M3: 3 mantissa bits, so rounding to nearest is within 2^-4 of a normal value; below the smallest normal
+# (2^-6 of the scale) the spacing is 2^-9 of the scale, so within 2^-10 of it.
+REL, SUBNORMAL = 2.0 ** -4, 2.0 ** -10
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _scaled_data(*shape):
+    """Random values over 6 decades, so that tiles and blocks have very different scales."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=g) * torch.logspace(-3, 3, shape[-1]).roll(7)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", [(5, 300), (3, 128), (2, 4, 200)])
+def test_tile_quantisation_is_within_the_e4m3_bound(shape, pow2):
+    x = _scaled_data(*shape)
+    if shape[-1] > 128:
+        x[..., :128] = 0.0  # an all-zero tile stays exactly zero
+    q, scale = quantize_tiles(x, pow2)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert scale.shape == (*shape[:-1], -(-shape[-1] // 128))
+    deq = dequantize_tiles(q, scale)
+    tile_scale = scale.repeat_interleave(128, -1)[..., :shape[-1]]
+    assert ((deq - x).abs() <= torch.maximum(x.abs() * REL, tile_scale * SUBNORMAL) * (1 + 1e-6)).all()
+    # Every non-zero tile uses E4M3's range: its largest value maps to 448 (to (224, 448] with power-of-two scales).
+    q_amax = torch.nn.functional.pad(q.float().abs(), (0, -shape[-1] % 128)).unflatten(-1, (-1, 128)).amax(-1)
+    live = q_amax[q_amax > 0]
+    assert (live <= E4M3_MAX).all() and (live > E4M3_MAX / 2 if pow2 else live == E4M3_MAX).all()
+    if pow2:
+        assert torch.equal(scale, torch.exp2(torch.log2(scale).round()))
+    if shape[-1] > 128:
+        assert (deq[..., :128] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130), (3, 130, 260)])
+def test_block_quantisation_is_within_the_e4m3_bound(shape):
+    w = _scaled_data(*shape)
+    q, scale = quantize_blocks(w)
+    R, G = -(-shape[-2] // 128), -(-shape[-1] // 128)
+    assert scale.shape == (*shape[:-2], R, G)
+    block_scale = scale.repeat_interleave(128, -2)[..., :shape[-2], :].repeat_interleave(128, -1)[..., :shape[-1]]
+    deq = dequantize_blocks(q, scale)
+    assert ((deq - w).abs() <= torch.maximum(w.abs() * REL, block_scale * SUBNORMAL) * (1 + 1e-6)).all()
+    # One scale per block: the block's largest magnitude over E4M3's largest value.
+    ref = w[..., :128, :128].abs().amax(dim=(-2, -1)) / E4M3_MAX
+    torch.testing.assert_close(scale[..., 0, 0], ref)
+
+
+def test_fp8_linear_forward_and_backward_track_fp32():
+    torch.manual_seed(0)
+    linear = nn.Linear(384, 200, bias=False)
+    fp8 = FP8Linear.from_linear(nn.Linear(384, 200, bias=False), Quantizers())
+    fp8.weight = nn.Parameter(linear.weight.detach().clone())
+    x = torch.randn(33, 384)
+    x_ref, x_fp8 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(33, 200)
+    y_ref, y = linear(x_ref), fp8(x_fp8)
+    y_ref.backward(dy)
+    y.backward(dy)
+    assert 0 < _rel(y.detach(), y_ref.detach()) < 6e-2
+    assert 0 < _rel(x_fp8.grad, x_ref.grad) < 6e-2
+    assert 0 < _rel(fp8.weight.grad, linear.weight.grad) < 6e-2
+
+
+def test_fp8_grouped_linear_forward_and_backward_track_fp32():
+    torch.manual_seed(0)
+    fp8 = FP8GroupedExperts.from_experts(GroupedExperts(4, 256, 192), Quantizers())
+    counts = torch.tensor([37, 0, 129, 5])  # an expert without tokens, one across a 128-row boundary
+    x, w = torch.randn(int(counts.sum()), 256), torch.randn(4, 192, 256) * 0.05
+    dy = torch.randn(int(counts.sum()), 192)
+    x_ref, w_ref, x_fp8, w_fp8 = (t.clone().requires_grad_() for t in (x, w, x, w))
+    y_ref = expert_loop_mm(x_ref, w_ref, counts)  # one matmul per expert, fp32
+    y = fp8.grouped_mm(x_fp8, w_fp8, counts)
+    y_ref.backward(dy)
+    y.backward(dy)
+    assert 0 < _rel(y.detach(), y_ref.detach()) < 6e-2
+    assert 0 < _rel(x_fp8.grad, x_ref.grad) < 6e-2
+    assert w_fp8.grad[1].abs().sum() == 0 and 0 < _rel(w_fp8.grad, w_ref.grad) < 6e-2
+
+
+def test_converted_model_keeps_names_and_every_parameter_gets_a_gradient():
+    job = small_job("/tmp/unused")
+    plain, fp8 = build_model(job.model, "meta"), build_model(job.model, "meta")
+    convert_native(fp8)
+    assert {k: v.shape for k, v in fp8.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    kinds = {type(m) for m in fp8.modules()}
+    assert FP8Linear in kinds and FP8GroupedExperts in kinds
+    assert type(fp8.head) is nn.Linear  # the head stays in high precision, as the embedding and router do
+    fp8 = fp8.to_empty(device="cpu")
+    init_weights(fp8, 0)
+    tokens = torch.randint(0, job.model.vocab_size, (4, 65))
+    fp8(tokens[:, :-1], tokens[:, 1:]).loss(256, 0.3).backward()
+    no_grad = [n for n, p in fp8.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, no_grad
+
+
+TINY_RUN = ["train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=4", "logging.interval=10"]
+
+
+def _fit(run_dir, *overrides):
+    trainer = Trainer(small_job(run_dir, *TINY_RUN, *overrides))
+    trainer.resume_or_init()
+    return trainer, trainer.fit()
+
+
+def test_native_fp8_training_tracks_fp32(tmp_path):
+    """The demo (tiny model, shipped text) for 200 steps, on small batches to keep CI short."""
+    _, fp32 = _fit(tmp_path / "fp32", "train.steps=200")
+    _, fp8 = _fit(tmp_path / "fp8", "train.steps=200", "precision=fp8", "precision.fp8.provider=native")
+    tail = lambda losses: sum(losses[-20:]) / 20  # noqa: E731
+    assert fp8 != fp32  # it did quantise
+    assert fp32[0] - tail(fp32) > 1.0  # it did learn
+    assert abs(tail(fp8) - tail(fp32)) <= 0.02 * tail(fp32), (tail(fp8), tail(fp32))
+
+
+def test_bf16_checkpoint_resumes_in_fp8_and_exports_to_hf(tmp_path):
+    bf16, _ = _fit(tmp_path / "run", "train.steps=4", "train.stop_at=2", "precision=bf16")
+    fp8, losses = _fit(tmp_path / "run", "train.steps=4", "precision=fp8", "precision.fp8.provider=native")
+    assert fp8.step == 4 and len(losses) == 2 and all(map(torch.isfinite, torch.tensor(losses)))
+    proc = subprocess.run([sys.executable, "-m", "moetrain", "convert", "--to-hf", str(tmp_path / "run" / "checkpoints"),
+                           str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from moetrain.hf import from_hf_pretrained
+
+    exported = from_hf_pretrained(tmp_path / "hf")
+    mine = {k: v for k, v in fp8.model.state_dict().items()}
+    for k, v in exported.state_dict().items():
+        torch.testing.assert_close(v, mine[k].float(), msg=k)
+
+
+def test_native_fp8_expert_parallel_equals_one_process(tmp_path):
+    fp8 = ["precision=fp8", "precision.fp8.provider=native"]
+    ref = _train_ep(tmp_path / "one", 1, *fp8)
+    got = _train_ep(tmp_path / "ep2dp2", 4, "parallel.ep=2", *fp8)
+    _assert_close_records(got, ref)
+    _assert_same_model(tmp_path / "ep2dp2", tmp_path / "one")
+
+
+def test_fp8_where_it_cannot_run_is_refused_or_falls_back(tmp_path):
+    cpu = torch.device("cpu")
+    job = small_job(tmp_path / "a", "precision=fp8")  # provider te, the default
+    with pytest.raises(ConfigError) as e:
+        Precision(job.precision, cpu)
+    assert str(e.value).startswith("precision.fp8.provider") and "provider=native" in str(e.value)
+    warnings = []
+    p = Precision(small_job(tmp_path / "b", "precision=fp8", "precision.fp8.fallback=bf16").precision, cpu,
+                  warnings.append)
+    assert p.fp8 is None and p.compute_dtype == torch.bfloat16 and len(warnings) == 1
+    with pytest.raises(ConfigError, match="precision.fp8.recipe: delayed scaling is Transformer Engine's"):
+        to_job_config(compose(["precision=fp8", "precision.fp8.provider=native", "precision.fp8.recipe=delayed"]))
+    # From the command line: one line naming the key, exit 2, nothing trained.
+    proc = subprocess.run([sys.executable, "-m", "moetrain", "train", f"run.dir={tmp_path / 'c'}", "precision=fp8"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "precision.fp8.provider" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------------------------------ Transformer Engine
+def _te_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "Transformer Engine tests need a CUDA GPU (none here)"
+    if torch.cuda.get_device_capability() < (9, 0):
+        return f"Transformer Engine FP8 tests need a Hopper or newer GPU, not {torch.cuda.get_device_name()}"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as e:
+        return f"Transformer Engine is not installed ({e})"
+    return None
+
+
+te_only = pytest.mark.skipif(_te_skip_reason() is not None, reason=_te_skip_reason() or "")
+
+
+@te_only
+@pytest.mark.parametrize("recipe", ["blockwise", "current", "delayed"])
+def test_te_linear_and_experts_track_bf16(recipe):
+    from moetrain.precision.te import TEGroupedExperts, convert_te, te_autocast
+
+    torch.manual_seed(0)
+    cfg = to_job_config(compose(["model=proxy"])).model
+    ref, fp8 = build_model(cfg, "meta"), build_model(cfg, "meta")
+    convert_te(fp8, recipe)
+    assert {k: v.shape for k, v in fp8.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert any(isinstance(m, TEGroupedExperts) for m in fp8.modules())
+    ref, fp8 = ref.to_empty(device="cuda"), fp8.to_empty(device="cuda")
+    init_weights(ref, 0)
+    init_weights(fp8, 0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 257), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref(tokens[:, :-1], tokens[:, 1:]).loss(512, 0.3).backward()
+        with te_autocast(recipe):
+            out = fp8(tokens[:, :-1], tokens[:, 1:])
+        out.loss(512, 0.3).backward()
+    for (name, p), q in zip(ref.named_parameters(), fp8.parameters()):
+        assert q.grad is not None and _rel(q.grad, p.grad) < 0.15, name
