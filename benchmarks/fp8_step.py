@@ -1,0 +1,94 @@
+"""FP8 training against bf16: step time and the loss curve of each precision on the same model, data and seed.
+
+One process; each precision trains ``--steps`` steps from the same initialisation on the same synthetic batches.
+Prints step time (median after warm-up) as a ratio to bf16, and the final losses (mean of the last 10 steps)
+beside bf16's. A precision that cannot run here (no TE, no Hopper GPU) is listed with the reason.
+
+    python benchmarks/fp8_step.py                                         # CPU: bf16 vs native (emulated GEMMs)
+    python benchmarks/fp8_step.py --size proxy --batch 2 --seq 4096       # GPU: bf16, TE blockwise/current, native
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import report  # noqa: E402
+
+PRECISIONS = {
+    "bf16": ["precision=bf16"],
+    "fp8 te blockwise": ["precision=fp8", "precision.fp8.provider=te", "precision.fp8.recipe=blockwise"],
+    "fp8 te current": ["precision=fp8", "precision.fp8.provider=te", "precision.fp8.recipe=current"],
+    "fp8 native blockwise": ["precision=fp8", "precision.fp8.provider=native", "precision.fp8.recipe=blockwise"],
+}
+
+
+def train(overrides: list[str], steps: int) -> tuple[list[float], list[float]]:
+    """(step seconds, losses) of ``steps`` steps of a fresh Trainer."""
+    from moetrain.config import compose, to_job_config
+    from moetrain.train import Trainer
+
+    job = to_job_config(compose([f"run.dir={tempfile.mkdtemp()}", "logging.console=false", "logging.jsonl=false",
+                                 "train.val_interval=0", "optim.warmup_steps=5", "checkpoint.interval=0",
+                                 *overrides]))
+    trainer = Trainer(job)
+    cuda = trainer.device.type == "cuda"
+    times, losses = [], []
+    try:
+        for _ in range(steps):
+            trainer.step += 1
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            losses.append(trainer.train_step()["loss"])
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    finally:
+        trainer.close()
+    return times, losses
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="tiny", help="model preset (conf/model), e.g. tiny or proxy")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--only", nargs="*", default=list(PRECISIONS), help="precisions to run")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    common = [f"model={args.size}", "data=synthetic", f"train.seq_len={args.seq}", f"model.max_seq_len={max(args.seq, 256)}",
+              f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
+              f"train.steps={args.steps}"]
+    from moetrain.model import ConfigError
+
+    rows, base = [], None
+    for name in args.only:
+        try:
+            times, losses = train(common + PRECISIONS[name], args.steps)
+        except ConfigError as e:
+            rows.append({"precision": name, "skipped": str(e)})
+            continue
+        step = statistics.median(times[3:] or times)
+        final = sum(losses[-10:]) / len(losses[-10:])
+        if base is None:
+            base = (step, final)
+        rows.append({"precision": name, "step_ms": 1e3 * step, "x_first": step / base[0],
+                     "tokens_per_s": args.batch * args.seq / step, "final_loss": final,
+                     "loss_vs_first": final - base[1], "loss_at_10": losses[min(9, len(losses) - 1)]})
+    rows.append({"size": args.size, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                 "first": args.only[0]})
+    report(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
