@@ -200,6 +200,7 @@ te_only = pytest.mark.skipif(_te_skip_reason() is not None, reason=_te_skip_reas
 
 
 @te_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["blockwise", "current", "delayed"])
 def test_te_linear_and_experts_track_bf16(recipe):
     from moetrain.precision.te import TEGroupedExperts, convert_te, te_autocast
