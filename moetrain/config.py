@@ -156,7 +156,7 @@ FP8_RECIPES = ("blockwise", "current", "delayed", "mxfp8")
 class FP8Config:
     """precision.dtype=fp8: which library quantises and which scaling recipe (see moetrain.precision)."""
 
-    provider: str = "te"  # te (Transformer Engine, GPU) | native (torch; Hopper GEMMs, or emulated on CPU)
+    provider: str = "te"  # te (Transformer Engine, Hopper+) | native (torch quantisation, GEMMs emulated in fp32)
     recipe: str = "blockwise"  # blockwise (DeepSeek-V3: 1x128 / 128x128) | current | delayed | mxfp8 (te only)
     pow2_scales: bool = False  # native: round every scale up to a power of two (TE's recipes choose their own)
     fallback: str = "none"  # none: refuse where FP8 cannot run | bf16: warn once and train in bf16
@@ -327,12 +327,27 @@ class JobConfig:
         self.optim.validate()
         self.train.validate(self.model, self.parallel.data_parallel_size(world_size))
         self.parallel.check_pipeline(self.model, self.train, world_size)
+        self._check_fp8_combinations()
         require(not self.train.val_interval or self.data.val_fraction > 0, "train.val_interval",
                 f"validation every {self.train.val_interval} steps needs held-out data, but data.val_fraction=0; "
                 "set data.val_fraction > 0 or train.val_interval=0")
         self.checkpoint.validate()
         self.logging.validate()
         return self
+
+
+    def _check_fp8_combinations(self) -> None:
+        """What the Transformer Engine provider is not (yet) run with: refused before launch, with the reason."""
+        if self.precision.dtype != "fp8" or self.precision.fp8.provider != "te":
+            return
+        # NOTE: torch's non-reentrant checkpoint re-runs the forward in backward outside TE's FP8 autocast.
+        require(self.train.recompute == "none", "train.recompute",
+                f"{self.train.recompute} recomputation re-runs forwards outside Transformer Engine's FP8 autocast; "
+                "use train.recompute=none with precision.fp8.provider=te, or the native provider")
+        # TE's delayed scaling must see each module once per autocast region; a pipeline step runs many.
+        require(self.precision.fp8.recipe != "delayed" or self.parallel.pp == 1, "precision.fp8.recipe",
+                f"delayed scaling is not run with pipeline stages (parallel.pp={self.parallel.pp}); use blockwise or "
+                "current")
 
 
 def _require_finite(node, prefix: str) -> None:

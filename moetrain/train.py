@@ -288,7 +288,7 @@ class Trainer:
         job = self.job
         model = build_model(job.model, "meta")
         n_params = _count(model)
-        self.precision.convert(model)  # FP8 modules keep every parameter's name and shape
+        self.precision.convert(model, self._log)  # FP8 modules keep every parameter's name and shape
         stages = None
         if self.mesh.pp > 1:
             model, stages = self._split_stages(model)

@@ -51,14 +51,17 @@ class Precision:
             return str(self.compute_dtype).removeprefix("torch.")
         return f"fp8 ({self.fp8.provider}, {self.fp8.recipe}; {str(self.compute_dtype).removeprefix('torch.')} elsewhere)"
 
-    def convert(self, model: nn.Module) -> None:
+    def convert(self, model: nn.Module, log: Callable[[str], None] = print) -> None:
         """The model's FP8 form, in place (before parallelisation); nothing without FP8."""
         if self.fp8 is None:
             return
         if self.fp8.provider == "te":
             from moetrain.precision.te import convert_te
 
-            convert_te(model, self.fp8.recipe)
+            kept = convert_te(model, self.fp8.recipe)
+            if kept:
+                log(f"precision: {len(kept)} GEMM module(s) stay in bf16, their dimensions not tileable by the "
+                    f"{self.fp8.recipe} recipe: {', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''}")
         else:
             from moetrain.precision.native import convert_native
 
@@ -80,13 +83,7 @@ class Precision:
 def _fp8_unavailable(provider: str, recipe: str, device: torch.device) -> str | None:
     """Why FP8 cannot run here (with the fix), or None."""
     if provider == "native":
-        if device.type == "cpu":
-            return None  # emulated GEMMs: the numerics of the FP8 path, for tests
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (9, 0):
-            return (f"the native FP8 provider needs a Hopper or newer GPU (compute capability >= 9.0), this is "
-                    f"{torch.cuda.get_device_name(device)} ({major}.{minor}); use precision=bf16")
-        return None
+        return None  # quantisation in torch, GEMMs emulated in fp32: runs anywhere (FP8 numerics, not FP8 speed)
     if device.type != "cuda":
         return ("Transformer Engine FP8 needs a CUDA GPU; on CPU use precision.fp8.provider=native (emulated "
                 "GEMMs) or precision=fp32")
@@ -97,8 +94,16 @@ def _fp8_unavailable(provider: str, recipe: str, device: torch.device) -> str | 
                 f"{torch.cuda.get_device_name(device)} ({major}.{minor}); use precision=bf16"
                 + ("" if recipe != "mxfp8" else " or precision.fp8.recipe=blockwise"))
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        import transformer_engine.pytorch as te
     except ImportError as e:
         return (f"Transformer Engine is not installed ({e}); pip install 'moetrain[gpu]', or use "
                 "precision.fp8.provider=native")
+    # TE's own verdict (GPU, driver, cuBLAS), where this TE version has one.
+    check = {"blockwise": "check_fp8_block_scaling_support", "mxfp8": "check_mxfp8_support"}.get(recipe,
+                                                                                                "check_fp8_support")
+    fn = getattr(getattr(te, "fp8", None), check, None)
+    if fn is not None:
+        ok, why = fn()
+        if not ok:
+            return f"Transformer Engine cannot run the {recipe} recipe here: {why}; use precision=bf16"
     return None

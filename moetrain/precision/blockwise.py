@@ -4,6 +4,9 @@ Activations (and activation gradients) take one scale per 1 x 128 tile along a r
 block (DeepSeek-V3 report, 3.3.2). A tile or block at the edge of a dimension that is not a multiple of 128 is
 simply shorter; scales may be rounded up to powers of two (an exact rescaling, as in DeepSeek's kernels).
 
+A non-finite value makes its whole tile or block non-finite (its scale is inf or nan): the trainer's non-finite
+step check catches it.
+
 Shapes: M rows, K columns; G = ceil(K / 128) tiles per row; R = ceil(M / 128) row blocks.
 """
 

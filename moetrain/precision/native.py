@@ -7,8 +7,9 @@ dequantised and multiplied in fp32, which is exact for the products and what a t
 does up to summation order). Quantisers pass gradients straight through.
 
 NOTE: DeepSeek-V3 runs the weight gradient on activations re-quantised in 128 x 1 tiles (along tokens); here it
-reuses the forward's 1 x 128 tiles, so every quantisation is per row of tokens and a data- or expert-parallel
-run computes exactly what one process does.
+reuses the forward's 1 x 128 tiles, so with the blockwise recipe every quantisation is per row of tokens and a
+data- or expert-parallel run computes exactly what one process does (``current`` scales per local tensor).
+The saved operands are the dequantised fp32 values: FP8 numerics, not FP8 memory or speed.
 
 Recipes: ``blockwise`` (1 x 128 tiles, 128 x 128 blocks; edge tiles shorter) and ``current`` (one scale per
 tensor, per expert for the stacked experts).

@@ -1,7 +1,9 @@
 """The Transformer Engine FP8 provider (GPU only; imported only when ``precision.fp8.provider=te``).
 
-- Every Linear but the head becomes a ``te.Linear`` holding the same ``weight`` Parameter; TE's ``_extra_state``
-  (scaling metadata) is left out of state dicts and tolerated as missing on load, so checkpoints stay TE-free.
+- Every Linear but the head whose dimensions the recipe can tile (:func:`te_plan`) becomes a ``te.Linear`` holding
+  the same ``weight`` Parameter; the others stay in bf16 and are logged. TE's ``_extra_state`` (scaling metadata,
+  delayed scaling's amax history) is left out of state dicts and tolerated as missing on load, so checkpoints stay
+  TE-free and a resume restarts the amax history.
 - Routed experts keep their stacked ``w1``/``w3``/``w2`` Parameters; each grouped GEMM runs through a
   ``te.GroupedLinear`` that is not a registered submodule and whose per-expert weights are views of the stacked
   Parameter, set before each call (gradients flow back into the stacked weights). Rows are padded per expert to
@@ -19,11 +21,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetrain.model.config import ConfigError
 from moetrain.model.experts import GroupedExperts
 
-# Alignment of the GEMM dims: blockwise recipes tile by 128, the others need multiples of 16.
-_ALIGN = {"blockwise": 128, "mxfp8": 32, "current": 16, "delayed": 16}
+# (contraction dim, output dim) multiples each recipe's FP8 GEMMs need: blockwise tiles the contraction by 128
+# (1x128 activation tiles, 128x128 weight blocks; a partial block along the output is fine), mxfp8 by 32.
+_ALIGN = {"blockwise": (128, 16), "mxfp8": (32, 32), "current": (16, 16), "delayed": (16, 16)}
+# Rows per expert are padded to this for the grouped GEMM.
+_ROWS = {"blockwise": 128, "mxfp8": 32, "current": 16, "delayed": 16}
 
 
 def _te():
@@ -64,12 +68,23 @@ def _keep_own_extra_state(module, state_dict, prefix, *args):
         state_dict[key] = module.get_extra_state()
 
 
-def _te_linear(linear: nn.Linear, name: str, align: int) -> nn.Module:
-    for dim, what in ((linear.in_features, "in"), (linear.out_features, "out")):
-        if dim % align:
-            raise ConfigError("precision.fp8.recipe", f"{name} has {what}_features={dim}, not a multiple of {align} "
-                                                      "as Transformer Engine's FP8 GEMMs need; use another "
-                                                      "precision.fp8.recipe or precision.fp8.provider=native")
+def te_plan(model: nn.Module, recipe_name: str) -> tuple[list[str], list[str]]:
+    """(modules to run in FP8, Linears / experts kept in bf16 because the recipe cannot tile their dimensions),
+    by name; the head always stays (DeepSeek-V3 keeps it in high precision). No TE needed."""
+    k_align, n_align = _ALIGN[recipe_name]
+    fp8, kept = [], []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.split(".")[-1] != "head":
+            dims = [(module.in_features, module.out_features)]
+        elif type(module) is GroupedExperts:
+            dims = [tuple(reversed(w.shape[-2:])) for w in (module.w1, module.w2)]  # (in, out) per GEMM
+        else:
+            continue
+        (fp8 if all(k % k_align == 0 and n % n_align == 0 for k, n in dims) else kept).append(name)
+    return fp8, kept
+
+
+def _te_linear(linear: nn.Linear) -> nn.Module:
     te_linear = _te().Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                              params_dtype=torch.float32, device="meta")
     te_linear.weight = linear.weight  # the same Parameter: name, shape, initialisation
@@ -126,18 +141,14 @@ def _starts(sizes: list[int]) -> list[int]:
     return out
 
 
-def convert_te(model: nn.Module, recipe_name: str) -> None:
-    """Every Linear but the head to ``te.Linear``, every GroupedExperts to :class:`TEGroupedExperts`, in place."""
-    align = _ALIGN[recipe_name]
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and child_name != "head":
-                setattr(module, child_name, _te_linear(child, full, align))
-            elif type(child) is GroupedExperts:
-                for w in (child.w1, child.w2):
-                    if w.shape[-1] % align or w.shape[-2] % align:
-                        raise ConfigError("precision.fp8.recipe", f"{full} has expert weights {tuple(w.shape)}, not "
-                                                                  f"multiples of {align}; use another recipe or "
-                                                                  "precision.fp8.provider=native")
-                setattr(module, child_name, TEGroupedExperts.from_experts(child, align))
+def convert_te(model: nn.Module, recipe_name: str) -> list[str]:
+    """The modules of :func:`te_plan` to ``te.Linear`` / :class:`TEGroupedExperts`, in place; returns the names
+    of those kept in bf16."""
+    fp8, kept = te_plan(model, recipe_name)
+    for name in fp8:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, child_name)
+        new = _te_linear(child) if type(child) is nn.Linear else TEGroupedExperts.from_experts(child, _ROWS[recipe_name])
+        setattr(parent, child_name, new)
+    return kept
