@@ -1,7 +1,9 @@
-"""Training metrics and their sinks: a console line with progress and ETA, JSONL, and wandb (rank 0 only)."""
+"""Training metrics and their sinks (rank 0 only): a step line with progress and ETA on the console and in train.log,
+JSONL, and wandb (one wandb run per run directory, list values as one scalar per index)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,9 +48,11 @@ class MetricsLogger:
         if self.cfg.wandb.enabled and self.cfg.wandb.mode != "disabled":
             import wandb
 
+            # One wandb run per run.dir: a resumed, requeued or resubmitted job continues the same wandb run.
             self._wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
-                                     name=self.cfg.wandb.name, mode=self.cfg.wandb.mode, dir=str(self.run_dir),
-                                     config=self.job_config)
+                                     name=self.cfg.wandb.name or self.run_dir.name, mode=self.cfg.wandb.mode,
+                                     dir=str(self.run_dir), config=self.job_config, id=wandb_run_id(self.run_dir),
+                                     resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -57,9 +61,12 @@ class MetricsLogger:
         if self._jsonl:
             self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=step)
-        if self.cfg.console:  # formatted from the numbers themselves: nan and inf print as such
-            print(self._console_line(step, metrics), file=sys.stdout, flush=True)
+            self._wandb.log(_flat(record), step=step)
+        line = self._console_line(step, metrics)  # formatted from the numbers themselves: nan and inf print as such
+        with open(self.run_dir / "train.log", "a") as f:
+            f.write(line + os.linesep)
+        if self.cfg.console:
+            print(line, file=sys.stdout, flush=True)
 
     def _console_line(self, step: int, r: dict) -> str:
         done = step / self.total_steps
@@ -87,6 +94,22 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """A wandb run id fixed by the run directory's absolute path."""
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def _flat(record: dict) -> dict:
+    """List values (MaxVio per layer, bubble per pipeline rank) as one scalar per index: ``key/i``."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, list):
+            out.update({f"{k}/{i}": x for i, x in enumerate(v)})
+        else:
+            out[k] = v
+    return out
 
 
 def _move_records_after(path: Path, step: int, replaced: Path) -> None:

@@ -82,3 +82,36 @@ def _read_holder(f) -> dict:
         return json.loads(f.read() or "{}")
     except json.JSONDecodeError:
         return {}
+
+
+class RankLog:
+    """``run.dir/logs/rank_<r>.log``: every rank's warnings (a copy; the console still shows them) and the
+    traceback of an error that stops it, so a failure on rank 37 of 512 is not only in a scheduler's stderr."""
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int):
+        import logging
+        import warnings
+
+        path = Path(run_dir) / "logs" / f"rank_{rank}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.logger = logging.getLogger(f"moetrain.rank{rank}")
+        self.logger.propagate = False  # not on the console: the console has its own one-line error
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s"))
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        self._show, self._warnings = warnings.showwarning, warnings
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            self.logger.warning(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+            self._show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+
+    def error(self, message: str) -> None:
+        self.logger.exception(message)
+
+    def close(self) -> None:
+        self._warnings.showwarning = self._show
+        self.logger.removeHandler(self.handler)
+        self.handler.close()

@@ -24,6 +24,7 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from moetrain.checkpoint import CheckpointError, CheckpointManager
 from moetrain.config import JobConfig, register_configs, to_job_config
@@ -44,7 +45,7 @@ from moetrain.parallel.strategy import build_strategy
 from moetrain.plan import peak_tflops, training_flops_per_token
 from moetrain.precision import Precision
 from moetrain.resources import conf_dir
-from moetrain.run_dir import RunDirLock, RunDirLocked
+from moetrain.run_dir import RankLog, RunDirLock, RunDirLocked
 from moetrain.schedules import bias_update_speed_at, global_batch_at, lr_at, mtp_lambda_at
 
 
@@ -70,6 +71,7 @@ class Trainer:
         self._created_run_dir = self.is_main and not self.run_dir.exists()
         self._lock = self._lock_run_dir()
         self._started = False  # set when fit() starts; a run refused before that leaves no trace
+        self._rank_log: RankLog | None = None  # run.dir/logs/rank_<r>.log, from fit() on
         with self._abandon_on_error():
             self._setup()
 
@@ -225,6 +227,8 @@ class Trainer:
             tmp = self.run_dir / "config.yaml.tmp"
             OmegaConf.save(OmegaConf.structured(self.job), tmp)
             os.replace(tmp, self.run_dir / "config.yaml")
+        if not self._started:
+            self._rank_log = RankLog(self.run_dir, self.dist.rank)
         self._started = True
 
     @contextlib.contextmanager
@@ -357,11 +361,17 @@ class Trainer:
         try:
             self._start()
             return self._fit()
+        except BaseException as e:
+            if self._rank_log is not None:
+                self._rank_log.error(f"training stopped at step {self.step}: {type(e).__name__}: {e}")
+            raise
         finally:
             try:
                 self.ckpt.wait()  # a background save of an earlier (finite) step
             finally:
                 self.metrics.close()
+                if self._rank_log is not None:
+                    self._rank_log.close()
                 self.abandon()
 
     def _fit(self) -> list[float]:
@@ -703,10 +713,12 @@ _REFUSALS = (ConfigError, RunDirLocked)
 _RUN_ERRORS = (CheckpointError, HFFormatError, ShardError, TrainingDiverged)
 
 
+@record  # under torchrun, a worker's traceback reaches torchrun's failure summary
 def main() -> None:
     """``moetrain train``: Hydra's entry, with user errors as one line and an exit status instead of a traceback
     (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
     global _FULL_ERROR
+    _quiet_library_warnings()
     _FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us instead of Hydra's multi-line report
     try:
@@ -720,6 +732,14 @@ def main() -> None:
 
 
 _FULL_ERROR = False
+
+
+def _quiet_library_warnings() -> None:
+    """Library warnings that say nothing to a moetrain user stay off the console (moetrain's own still show)."""
+    import warnings
+
+    # DCP in one process (no process group), which is how moetrain runs single-process training on purpose.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 
 def _exit_on_user_error(e: Exception, composing: bool) -> None:

@@ -156,6 +156,10 @@ def test_cli_divergence_is_one_line_with_exit_status_1(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("moetrain: error: training diverged at step 2")
     assert "Traceback" not in proc.stderr
     assert list_checkpoints(tmp_path / "checkpoints") == []
+    # The console has one line; the rank's log has the traceback, train.log the step lines up to it.
+    rank_log = (tmp_path / "logs" / "rank_0.log").read_text()
+    assert "ERROR training stopped at step 2: TrainingDiverged" in rank_log and "Traceback" in rank_log
+    assert "step 1/4 [" in (tmp_path / "train.log").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ resume records

@@ -85,3 +85,49 @@ def test_launch_scripts_pass_shellcheck():
                *ROOT.glob("benchmarks/*.sh")]
     proc = subprocess.run(["shellcheck", "--shell=bash", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+SMALL = ["data.demo_bytes=20000", "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=4",
+         "train.val_interval=0", "logging.console=false"]
+
+
+def _moetrain(cwd, *args):
+    proc = subprocess.run([sys.executable, "-m", "moetrain", "train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_sweep_jobs_train_in_their_own_run_dirs(tmp_path):
+    _moetrain(tmp_path, "-m", "optim.lr=1e-3,2e-3", "run.dir=sweep", "train.steps=2", *SMALL)
+    for job, lr in ((0, "0.001"), (1, "0.002")):
+        run = tmp_path / "sweep" / str(job)
+        assert (run / "checkpoints" / "step_00000002" / "COMPLETE").exists(), job
+        assert f"  lr: {lr}" in (run / "config.yaml").read_text()
+        assert "starting from scratch" in (run / "train.log").read_text()  # not the other job's checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # Hydra wrote nothing else here
+
+
+def test_the_same_command_continues_in_the_same_default_run_dir(tmp_path):
+    first = _moetrain(tmp_path, "train.steps=2", *SMALL)
+    again = _moetrain(tmp_path, "train.steps=4", *SMALL)  # more steps: the same run
+    (run,) = (tmp_path / "runs").iterdir()
+    assert "continuing after step 2" in (run / "train.log").read_text()
+    assert (run / "checkpoints" / "step_00000004" / "COMPLETE").exists()
+    assert "UserWarning" not in first.stderr + again.stderr  # library warnings stay off the console
+    _moetrain(tmp_path, "train.steps=2", "optim.lr=1e-3", *SMALL)  # another command: another run
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_wandb_run_continues_across_resumes(tmp_path):
+    """One wandb run per run.dir (offline here): a resumed (requeued, resubmitted) job logs to the same run."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    for steps in (2, 4):
+        proc = subprocess.run([sys.executable, "-m", "moetrain", "train", "run.dir=run", f"train.steps={steps}",
+                               "logging.wandb.enabled=true", "logging.wandb.mode=offline", *SMALL], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+    from moetrain.metrics import wandb_run_id
+
+    assert len(runs) == 2 and all(r.endswith(wandb_run_id(tmp_path / "run")) for r in runs), runs
