@@ -37,7 +37,7 @@ from moetrain.model.balance import pop_balance_loss
 from moetrain.model.layers import is_recomputing
 from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
-from moetrain.parallel.dist import DistInfo, destroy, init_distributed
+from moetrain.parallel.dist import DistInfo, adopt_slurm_ranks, destroy, init_distributed
 from moetrain.parallel.init import init_weights
 from moetrain.parallel.mesh import all_reduce_sum, build_mesh
 from moetrain.parallel.recompute import apply_recompute
@@ -718,6 +718,7 @@ def main() -> None:
     """``moetrain train``: Hydra's entry, with user errors as one line and an exit status instead of a traceback
     (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
     global _FULL_ERROR
+    adopt_slurm_ranks()  # srun, one task per GPU: Slurm's variables stand in for torchrun's
     _quiet_library_warnings()
     _FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us instead of Hydra's multi-line report

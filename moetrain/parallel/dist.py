@@ -21,6 +21,28 @@ class DistInfo:
         return self.rank == 0
 
 
+def adopt_slurm_ranks(environ=os.environ) -> bool:
+    """``srun`` with one task per GPU (no torchrun): take RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous from
+    Slurm's step variables. Nothing when torchrun's RANK is set or the process is not one of several srun tasks
+    (a batch script's own shell has no SLURM_STEP_NUM_TASKS). Returns whether it did."""
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "RANK" in environ or tasks < 2 or "SLURM_PROCID" not in environ:
+        return False
+    environ.update(RANK=environ["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=environ.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in environ:
+        environ["MASTER_ADDR"] = _first_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
+    # The same port on every task: the job's (or MOETRAIN_PORT), as launch/slurm.sbatch derives it.
+    environ.setdefault("MASTER_PORT", environ.get("MOETRAIN_PORT") or str(20000 + int(environ["SLURM_JOB_ID"]) % 20000))
+    return True
+
+
+def _first_host(nodelist: str) -> str:
+    import subprocess
+
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the job's process group when launched with several ranks; pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
