@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import math
 import os
@@ -37,7 +38,7 @@ from moetrain.model.balance import pop_balance_loss
 from moetrain.model.layers import is_recomputing
 from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
-from moetrain.parallel.dist import DistInfo, adopt_slurm_ranks, destroy, init_distributed
+from moetrain.parallel.dist import DistInfo, adopt_slurm_ranks, destroy, finish, init_distributed
 from moetrain.parallel.init import init_weights
 from moetrain.parallel.mesh import all_reduce_sum, build_mesh
 from moetrain.parallel.recompute import apply_recompute
@@ -671,11 +672,17 @@ def _count(model) -> int:
 
 
 def run(job: JobConfig) -> list[float]:
+    trainer = None
     try:
         trainer = Trainer(job)
         trainer.resume_or_init()
-        return trainer.fit()
+        losses = trainer.fit()
+        finish()  # every rank done with its last message before any tears the process group down
+        return losses
     finally:
+        # The trainer (pipeline stages and their communicators among it) goes before the process group.
+        trainer = None
+        gc.collect()
         destroy()
 
 

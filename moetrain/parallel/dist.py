@@ -58,6 +58,12 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def finish() -> None:
+    """A barrier at the successful end of a run (not on errors: a failed rank would never arrive)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
