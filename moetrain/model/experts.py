@@ -31,6 +31,15 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down
 
+    @classmethod
+    def sharing(cls, experts: "GroupedExperts") -> "GroupedExperts":
+        """A ``cls`` (an FP8 provider's subclass) holding ``experts``' own Parameters: same names, shapes, values."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_experts, new.use_grouped_mm = experts.n_experts, experts.use_grouped_mm
+        new.w1, new.w3, new.w2 = experts.w1, experts.w3, experts.w2
+        return new
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND holds counts_E[0] tokens of expert 0, then counts_E[1] of expert 1, ...; returns y_ND likewise."""
         w1, w3, w2 = self.local_weights()

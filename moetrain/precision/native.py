@@ -111,10 +111,7 @@ class FP8GroupedExperts(GroupedExperts):
 
     @classmethod
     def from_experts(cls, experts: GroupedExperts, quantizers: Quantizers) -> "FP8GroupedExperts":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.n_experts, new.use_grouped_mm = experts.n_experts, experts.use_grouped_mm
-        new.w1, new.w3, new.w2 = experts.w1, experts.w3, experts.w2
+        new = cls.sharing(experts)
         new.quantizers = quantizers
         return new
 

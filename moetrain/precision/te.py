@@ -102,10 +102,7 @@ class TEGroupedExperts(GroupedExperts):
 
     @classmethod
     def from_experts(cls, experts: GroupedExperts, align: int) -> "TEGroupedExperts":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.n_experts, new.use_grouped_mm = experts.n_experts, experts.use_grouped_mm
-        new.w1, new.w3, new.w2 = experts.w1, experts.w3, experts.w2
+        new = cls.sharing(experts)
         new.align = align
         object.__setattr__(new, "_gemms", {})  # (experts, out, in) -> te.GroupedLinear, not submodules
         return new
