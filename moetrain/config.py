@@ -214,6 +214,19 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """train.profile: a torch.profiler trace of steps [a, b] on the chosen ranks, under run.dir/profile/."""
+
+    steps: list[int] = field(default_factory=list)  # [a, b]; empty: no profiling
+    ranks: list[int] = field(default_factory=lambda: [0])
+    memory: bool = False  # GPU: also a CUDA memory snapshot of the same steps (torch.cuda.memory._dump_snapshot)
+
+    def validate(self, prefix: str = "train.profile") -> None:
+        require(not self.steps or (len(self.steps) == 2 and 1 <= self.steps[0] <= self.steps[1]), f"{prefix}.steps",
+                f"must be [first, last] with 1 <= first <= last, or [] for none, got {self.steps}")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     stop_at: int = -1  # end after this step (as a preemption would); schedules still follow train.steps
@@ -240,6 +253,7 @@ class TrainConfig:
     # Consecutive steps with a non-finite loss or gradient norm tolerated (their updates skipped) before the run
     # stops with an error; 1 stops at the first. No checkpoint is written after a non-finite step.
     max_nonfinite_steps: int = 1
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self, model: ModelConfig, dp: int, prefix: str = "train") -> None:
         require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
@@ -263,6 +277,7 @@ class TrainConfig:
         require(self.val_interval >= 0, f"{prefix}.val_interval", "must be >= 0")
         require(self.val_batches >= 1, f"{prefix}.val_batches", "must be >= 1")
         require(self.max_nonfinite_steps >= 1, f"{prefix}.max_nonfinite_steps", "must be >= 1")
+        self.profile.validate(f"{prefix}.profile")
 
 
 @dataclass

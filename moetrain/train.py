@@ -45,6 +45,7 @@ from moetrain.parallel.recompute import apply_recompute
 from moetrain.parallel.strategy import build_strategy
 from moetrain.plan import peak_tflops, training_flops_per_token
 from moetrain.precision import Precision
+from moetrain.profiling import StepProfiler
 from moetrain.resources import conf_dir
 from moetrain.run_dir import RankLog, RunDirLock, RunDirLocked
 from moetrain.schedules import bias_update_speed_at, global_batch_at, lr_at, mtp_lambda_at
@@ -102,6 +103,7 @@ class Trainer:
                                      OmegaConf.to_container(OmegaConf.structured(job)))
         self.ckpt = CheckpointManager(job.checkpoint.dir, job.checkpoint.keep_last, self.dist.rank,
                                       self.dist.world_size, self._log, job.checkpoint.async_save, self.strategy)
+        self.profiler = StepProfiler(job.train.profile, self.dist.rank, self.run_dir, self.device)
         self._stop_signal: int | None = None
         self._nonfinite_steps = 0  # consecutive
         self._log(f"moetrain: {self.job.model.n_layers} layers, {n_params / 1e6:.2f}M parameters, "
@@ -370,6 +372,7 @@ class Trainer:
             try:
                 self.ckpt.wait()  # a background save of an earlier (finite) step
             finally:
+                self.profiler.close()
                 self.metrics.close()
                 if self._rank_log is not None:
                     self._rank_log.close()
@@ -383,9 +386,15 @@ class Trainer:
         saved_at = self.step
         while self.step < last:
             self.step += 1
+            self.profiler.step_begin(self.step)
             t0 = time.perf_counter()
             stats = self.train_step()
             step_seconds = time.perf_counter() - t0
+            trace = self.profiler.step_end(self.step)
+            if trace:
+                message = f"profile: steps {job.train.profile.steps} of rank {self.dist.rank} in {trace}"
+                self._rank_log.logger.info(message)
+                self._log(message)
             losses.append(stats["loss"])
             validate = bool(job.train.val_interval) and self.step % job.train.val_interval == 0
             if validate:

@@ -175,3 +175,15 @@ def test_srun_one_task_per_device_takes_ranks_from_slurm(tmp_path):
     assert "2 data-parallel rank(s)" in (run / "train.log").read_text()
     ckpt = run / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
+    _moetrain(tmp_path, "run.dir=run", "train.steps=4", "train.profile.steps=[2,3]", *SMALL)
+    (trace,) = (tmp_path / "run" / "profile").iterdir()
+    assert trace.name == "rank_0_steps_2-3.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)  # the steps' operators are in it
+    assert "profile: steps [2, 3] of rank 0" in (tmp_path / "run" / "train.log").read_text()
+    _moetrain(tmp_path, "run.dir=other", "train.steps=2", "train.profile.steps=[1,1]", "train.profile.ranks=[1]",
+              *SMALL)
+    assert not (tmp_path / "other" / "profile").exists()  # rank 0 was not chosen
