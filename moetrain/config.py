@@ -310,12 +310,18 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False  # event files under run.dir/tensorboard (needs the tensorboard package)
+
+
+@dataclass
 class LoggingConfig:
     interval: int = 10
     console: bool = True
     jsonl: bool = True
     peak_tflops: Optional[float] = None  # per device; None = look the GPU up in moetrain.plan.PEAK_TFLOPS
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
     def validate(self, prefix: str = "logging") -> None:
         require(self.interval >= 1, f"{prefix}.interval", "must be >= 1")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moetrain.config import LoggingConfig
+from moetrain.model.config import ConfigError
 
 
 def memory_gb(device: torch.device) -> float:
@@ -31,6 +32,7 @@ class MetricsLogger:
         self.start, self.start_step = time.perf_counter(), 0
         self._jsonl = None
         self._wandb = None
+        self._tensorboard = None
 
     def begin(self, step: int) -> None:
         """Open the sinks once the run starts at ``step`` (0, or the step it resumes from), and start the ETA clock.
@@ -39,12 +41,19 @@ class MetricsLogger:
         metrics.jsonl into metrics.replaced.jsonl, so metrics.jsonl holds each trained step once.
         """
         self.start, self.start_step = time.perf_counter(), step
-        if not self.enabled or self._jsonl is not None or self._wandb is not None:
+        if not self.enabled or self._jsonl is not None or self._wandb is not None or self._tensorboard is not None:
             return
         if self.cfg.jsonl:
             path = self.run_dir / "metrics.jsonl"
             _move_records_after(path, step, self.run_dir / "metrics.replaced.jsonl")
             self._jsonl = open(path, "a", buffering=1)
+        if self.cfg.tensorboard.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("logging.tensorboard.enabled", f"needs the tensorboard package ({e}): "
+                                                                 "pip install tensorboard") from None
+            self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
         if self.cfg.wandb.enabled and self.cfg.wandb.mode != "disabled":
             import wandb
 
@@ -62,6 +71,10 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log(_flat(record), step=step)
+        if self._tensorboard is not None:
+            for key, value in _flat(record).items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tensorboard.add_scalar(key, value, step)
         line = self._console_line(step, metrics)  # formatted from the numbers themselves: nan and inf print as such
         with open(self.run_dir / "train.log", "a") as f:
             f.write(line + os.linesep)
@@ -94,6 +107,9 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 def wandb_run_id(run_dir: Path) -> str:

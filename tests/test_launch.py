@@ -187,3 +187,18 @@ def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
     _moetrain(tmp_path, "run.dir=other", "train.steps=2", "train.profile.steps=[1,1]", "train.profile.ranks=[1]",
               *SMALL)
     assert not (tmp_path / "other" / "profile").exists()  # rank 0 was not chosen
+
+
+def test_tensorboard_event_files_hold_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _moetrain(tmp_path, "run.dir=run", "train.steps=3", "logging.interval=1", "logging.tensorboard.enabled=true",
+              *SMALL)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"loss", "grad_norm", "max_violation_per_layer/0"} <= set(scalars)
+    records = _records(tmp_path / "run")
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
