@@ -11,6 +11,23 @@ commands:
   prepare-data INPUTS...     tokenise text files into shards (--help for options)
   convert --to-hf CKPT OUT   export a checkpoint to the Hugging Face DeepSeek-V3 format
   convert --from-hf DIR OUT  import a Hugging Face checkpoint (FP8 weights dequantised)
+  completion bash            print a bash completion script: eval "$(moetrain completion bash)"
+"""
+
+# Bash completion of the subcommands, and of ``moetrain train``'s overrides by Hydra's own completer (which
+# assumes a one-word program: the line it is given drops "train").
+BASH_COMPLETION = r"""_moetrain_complete() {
+  local cur=${COMP_WORDS[COMP_CWORD]}
+  if [ "$COMP_CWORD" -eq 1 ]; then
+    mapfile -t COMPREPLY < <(compgen -W "train prepare-data convert completion" -- "$cur")
+  elif [ "${COMP_WORDS[1]}" = train ]; then
+    local line=${COMP_LINE/ train/}
+    local choices
+    choices=$(COMP_LINE="$line" COMP_POINT=$((COMP_POINT - 6)) moetrain train -sc query=bash 2>/dev/null)
+    mapfile -t COMPREPLY < <(compgen -W "$choices" -- "$cur")
+  fi
+}
+complete -o nospace -o default -F _moetrain_complete moetrain
 """
 
 
@@ -34,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         from moetrain.checkpoint.convert import main as convert_main
 
         return convert_main(rest)
+    if command == "completion":
+        if rest != ["bash"]:
+            print("usage: moetrain completion bash", file=sys.stderr)
+            return 2
+        print(BASH_COMPLETION, end="")
+        return 0
     print(f"moetrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -202,3 +202,23 @@ def test_tensorboard_event_files_hold_the_metrics(tmp_path):
     records = _records(tmp_path / "run")
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
+
+
+def test_bash_completion_completes_subcommands_and_overrides(tmp_path):
+    script = subprocess.run([sys.executable, "-m", "moetrain", "completion", "bash"], capture_output=True, text=True,
+                            check=True).stdout
+    (tmp_path / "moetrain").write_text(f"#!/usr/bin/env bash\nexec {sys.executable} -m moetrain \"$@\"\n")
+    (tmp_path / "moetrain").chmod(0o755)
+
+    def complete(line: str) -> list[str]:
+        words = line.split(" ")
+        probe = (f"{script}\nCOMP_LINE='{line}'; COMP_POINT={len(line)}; COMP_WORDS=({line}); "
+                 f"COMP_CWORD={len(words) - 1}; " + ('COMP_WORDS+=(""); ' if line.endswith(" ") else "") +
+                 "_moetrain_complete; printf '%s\\n' \"${COMPREPLY[@]}\"")
+        out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+        return out.stdout.split()
+
+    assert complete("moetrain tr") == ["train"]
+    assert "model=proxy" in complete("moetrain train model=pr")
+    assert "parallel.pp_schedule=" in complete("moetrain train parallel.pp_s")
