@@ -398,25 +398,36 @@ def _job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-# Overrides that continue a run rather than define another: a resume with more steps keeps its run.dir.
-_NOT_IDENTITY = ("run.", "checkpoint.resume", "train.steps", "train.stop_at", "logging.", "hydra.")
+# Overrides that continue or observe a run rather than define another: a resume with more steps, a profile of
+# some steps or another checkpoint interval keeps its run.dir.
+_NOT_IDENTITY = ("run.", "checkpoint.resume", "checkpoint.interval", "checkpoint.keep_last", "checkpoint.async_save",
+                 "checkpoint.allow_data_change", "train.steps", "train.stop_at", "train.profile", "train.val_",
+                 "train.max_nonfinite_steps", "data.prefetch", "logging.", "hydra.")
 
 
 def _run_name() -> str:
     """``MOETRAIN_RUN_ID``, else ``default`` for a plain ``moetrain train``, else a readable prefix of the command's
-    overrides and a hash of them all: every rank and every relaunch of the same command agree."""
-    import hashlib
-    import re
-
+    overrides and a hash of them all (``-<task id>`` in a Slurm job array): every rank and every relaunch of the
+    same command agree. Only ``[A-Za-z0-9_.-]``, so the name can be passed back in an override."""
     if os.environ.get("MOETRAIN_RUN_ID"):
         return os.environ["MOETRAIN_RUN_ID"]
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    name = overrides_name(overrides) or "default"
+    array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{name}-{array_task}" if array_task else name
+
+
+def overrides_name(overrides: list[str]) -> str:
+    """A readable, path- and override-safe name for the overrides that define a run ("" for none)."""
+    import hashlib
+    import re
+
     defining = sorted(o for o in overrides if not o.lstrip("+~").startswith(_NOT_IDENTITY))
     if not defining:
-        return "default"
-    slug = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(defining))[:48].rstrip(",")
+        return ""
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(o.replace("=", "-") for o in defining))[:48].strip("_")
     return f"{slug}-{hashlib.sha1(chr(0).join(defining).encode()).hexdigest()[:8]}"
 
 

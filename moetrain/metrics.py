@@ -3,11 +3,11 @@ JSONL, and wandb (one wandb run per run directory, list values as one scalar per
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import resource
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -57,11 +57,12 @@ class MetricsLogger:
         if self.cfg.wandb.enabled and self.cfg.wandb.mode != "disabled":
             import wandb
 
-            # One wandb run per run.dir: a resumed, requeued or resubmitted job continues the same wandb run.
+            # A resumed, requeued or resubmitted job continues its wandb run; a run that starts from step 0 (in a
+            # new run.dir, or with checkpoint.resume=none) gets a new one.
             self._wandb = wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity,
                                      name=self.cfg.wandb.name or self.run_dir.name, mode=self.cfg.wandb.mode,
-                                     dir=str(self.run_dir), config=self.job_config, id=wandb_run_id(self.run_dir),
-                                     resume="allow")
+                                     dir=str(self.run_dir), config=self.job_config,
+                                     id=wandb_run_id(self.run_dir, new=step == 0), resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -112,9 +113,14 @@ class MetricsLogger:
             self._tensorboard = None
 
 
-def wandb_run_id(run_dir: Path) -> str:
-    """A wandb run id fixed by the run directory's absolute path."""
-    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+def wandb_run_id(run_dir: Path, new: bool = False) -> str:
+    """The run's wandb id, kept in ``run_dir/wandb_run_id``: a fresh random one when ``new`` or none is kept."""
+    path = Path(run_dir) / "wandb_run_id"
+    if not new and path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(8)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def _flat(record: dict) -> dict:

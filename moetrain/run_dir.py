@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 LOCK_FILE = ".lock"
@@ -84,23 +86,30 @@ def _read_holder(f) -> dict:
         return {}
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """A FileHandler whose file (and folder) appear with the first record."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 class RankLog:
     """``run.dir/logs/rank_<r>.log``: every rank's warnings (a copy; the console still shows them) and the
     traceback of an error that stops it, so a failure on rank 37 of 512 is not only in a scheduler's stderr."""
 
     def __init__(self, run_dir: str | os.PathLike, rank: int):
-        import logging
-        import warnings
-
         path = Path(run_dir) / "logs" / f"rank_{rank}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.logger = logging.getLogger(f"moetrain.rank{rank}")
         self.logger.propagate = False  # not on the console: the console has its own one-line error
-        self.handler = logging.FileHandler(path)
+        self.handler = _LazyFileHandler(path)  # the file appears with the first record: a quiet run leaves none
         self.handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s"))
         self.logger.addHandler(self.handler)
         self.logger.setLevel(logging.INFO)
-        self._show, self._warnings = warnings.showwarning, warnings
+        self._show = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
             self.logger.warning(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
@@ -108,10 +117,13 @@ class RankLog:
 
         warnings.showwarning = show
 
+    def info(self, message: str) -> None:
+        self.logger.info(message)
+
     def error(self, message: str) -> None:
         self.logger.exception(message)
 
     def close(self) -> None:
-        self._warnings.showwarning = self._show
+        warnings.showwarning = self._show
         self.logger.removeHandler(self.handler)
         self.handler.close()

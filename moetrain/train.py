@@ -73,7 +73,7 @@ class Trainer:
         self._created_run_dir = self.is_main and not self.run_dir.exists()
         self._lock = self._lock_run_dir()
         self._started = False  # set when fit() starts; a run refused before that leaves no trace
-        self._rank_log: RankLog | None = None  # run.dir/logs/rank_<r>.log, from fit() on
+        self._rank_log = RankLog(self.run_dir, self.dist.rank)  # run.dir/logs/rank_<r>.log, written when needed
         with self._abandon_on_error():
             self._setup()
 
@@ -105,6 +105,7 @@ class Trainer:
                                       self.dist.world_size, self._log, job.checkpoint.async_save, self.strategy)
         self.profiler = StepProfiler(job.train.profile, self.dist.rank, self.run_dir, self.device)
         self._stop_signal: int | None = None
+        self._preempted = False
         self._nonfinite_steps = 0  # consecutive
         self._log(f"moetrain: {self.job.model.n_layers} layers, {n_params / 1e6:.2f}M parameters, "
                   f"{self.dp} data-parallel rank(s){f' (ep {self.mesh.ep})' if self.mesh.ep > 1 else ''}"
@@ -230,8 +231,6 @@ class Trainer:
             tmp = self.run_dir / "config.yaml.tmp"
             OmegaConf.save(OmegaConf.structured(self.job), tmp)
             os.replace(tmp, self.run_dir / "config.yaml")
-        if not self._started:
-            self._rank_log = RankLog(self.run_dir, self.dist.rank)
         self._started = True
 
     @contextlib.contextmanager
@@ -239,7 +238,8 @@ class Trainer:
         """A refusal or failure before the first step releases (and, if this run made it, removes) run.dir."""
         try:
             yield
-        except BaseException:
+        except BaseException as e:
+            self._rank_log.error(f"stopped before training: {type(e).__name__}: {e}")
             self.abandon()
             raise
 
@@ -249,6 +249,7 @@ class Trainer:
 
     def abandon(self) -> None:
         """Release the run directory; if this run created it and never trained a step, remove it."""
+        self._rank_log.close()
         if self._created_run_dir and not self._started:  # still locked: no other run can have taken it over
             shutil.rmtree(self.run_dir, ignore_errors=True)
         if self._lock is not None:
@@ -363,10 +364,13 @@ class Trainer:
         """Train until train.steps (or train.stop_at); returns the loss of every step run."""
         try:
             self._start()
-            return self._fit()
+            losses = self._fit()
+            self.ckpt.wait()  # the last checkpoint is complete before anyone is told so
+            if self._preempted:
+                self._mark_preempted()
+            return losses
         except BaseException as e:
-            if self._rank_log is not None:
-                self._rank_log.error(f"training stopped at step {self.step}: {type(e).__name__}: {e}")
+            self._rank_log.error(f"training stopped at step {self.step}: {type(e).__name__}: {e}")
             raise
         finally:
             try:
@@ -374,8 +378,6 @@ class Trainer:
             finally:
                 self.profiler.close()
                 self.metrics.close()
-                if self._rank_log is not None:
-                    self._rank_log.close()
                 self.abandon()
 
     def _fit(self) -> list[float]:
@@ -393,7 +395,7 @@ class Trainer:
             trace = self.profiler.step_end(self.step)
             if trace:
                 message = f"profile: steps {job.train.profile.steps} of rank {self.dist.rank} in {trace}"
-                self._rank_log.logger.info(message)
+                self._rank_log.info(message)
                 self._log(message)
             losses.append(stats["loss"])
             validate = bool(job.train.val_interval) and self.step % job.train.val_interval == 0
@@ -404,6 +406,7 @@ class Trainer:
             self._check_finite(stats)
             if self._stop_requested():
                 self._log(f"preemption: signal {self._stop_signal} received; checkpointing step {self.step} and exiting")
+                self._preempted = True
                 break
             if job.checkpoint.interval and self.step % job.checkpoint.interval == 0:
                 self.save_checkpoint()
@@ -412,6 +415,16 @@ class Trainer:
             self.save_checkpoint()
         self._report_bubble()
         return losses
+
+    def _mark_preempted(self) -> None:
+        """Stopped by a signal with the checkpoint complete: tell the launcher (launch/slurm.sbatch requeues only
+        then) through the file ``MOETRAIN_PREEMPTED_FILE`` names, if it names one."""
+        path = os.environ.get("MOETRAIN_PREEMPTED_FILE")
+        if self.is_main and path:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{self.step} {self.run_dir.resolve()}\n")
+            os.replace(tmp, path)
 
     def _report_bubble(self) -> None:
         """The measured idle fraction of every pipeline rank over the run, beside the schedule's formula."""
@@ -715,13 +728,19 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def _per_job_run_dir(cfg: DictConfig) -> None:
-    """In a Hydra sweep (``moetrain train -m a=1,2``) job N trains in ``<run.dir>/<N>``: sharing one run.dir, the
-    second job would resume the first one's checkpoint and train nothing."""
+    """In a Hydra sweep (``moetrain train -m a=1,2``) with one run.dir given, each job trains in a folder of it
+    named by the job's own overrides (sharing one, a job would resume another's checkpoint; named by position, a
+    later sweep with other values would). The default run.dir already differs per job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        cfg.run.dir = f"{cfg.run.dir}/{HydraConfig.get().job.num}"
+    from moetrain.config import overrides_name
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    overrides = list(HydraConfig.get().overrides.task)
+    if any(o.startswith("run.dir=") for o in overrides):
+        cfg.run.dir = f"{cfg.run.dir}/{overrides_name(overrides) or 'default'}"
 
 
 # Exit statuses: 2 = refused before training (config, a busy run.dir), 1 = stopped by an error while running.

@@ -1,6 +1,7 @@
 """The built wheel is what users install on clusters: it must carry the Hydra config tree and train from anywhere."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -16,10 +17,15 @@ def test_listed_packages_are_every_package_directory():
 
 
 def test_built_wheel_trains_the_demo_from_another_directory(tmp_path):
-    wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    wheels, target, work, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere", tmp_path / "src"
     work.mkdir()
+    # From a clean copy of the tracked files: a build/ left in the checkout would otherwise be reused.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("moetrain-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)

@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default=None, choices=["json", "parquet", "text"])
     p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (default 64M)")
     # The CPUs this process may use (a Slurm job's --cpus-per-task, taskset), not the machine's; one for the writer.
-    p.add_argument("--workers", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)  # macOS
+    p.add_argument("--workers", type=int, default=max(1, cpus - 1))
     p.add_argument("--on-bad-document", default="fail", choices=BAD_DOCUMENT_POLICIES,
                    help="a malformed line, non-UTF-8 bytes, a null or non-string text: fail (default, naming "
                         "file and line) or skip it (counted and reported)")

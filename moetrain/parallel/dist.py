@@ -30,17 +30,21 @@ def adopt_slurm_ranks(environ=os.environ) -> bool:
         return False
     environ.update(RANK=environ["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=environ.get("SLURM_LOCALID", "0"))
     if "MASTER_ADDR" not in environ:
-        environ["MASTER_ADDR"] = _first_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
-    # The same port on every task: the job's (or MOETRAIN_PORT), as launch/slurm.sbatch derives it.
-    environ.setdefault("MASTER_PORT", environ.get("MOETRAIN_PORT") or str(20000 + int(environ["SLURM_JOB_ID"]) % 20000))
+        environ["MASTER_ADDR"] = first_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
+    # The same port on every task, different for each job step, below Linux's ephemeral ports (32768+).
+    job, step = int(environ["SLURM_JOB_ID"]), int(environ.get("SLURM_STEP_ID", "0") or 0)
+    environ.setdefault("MASTER_PORT", environ.get("MOETRAIN_PORT") or str(10000 + (job * 7 + step) % 20000))
     return True
 
 
-def _first_host(nodelist: str) -> str:
-    import subprocess
-
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()[0]
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (``gpu[003-010,012],cpu01`` -> ``gpu003``), without ``scontrol``
+    (absent in many containers)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:head.index("[")], head[head.index("[") + 1:head.index("]")]
+    return prefix + ranges.split(",")[0].split("-")[0]
 
 
 def init_distributed(device_pref: str = "auto") -> DistInfo:
@@ -50,7 +54,8 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    # srun --gpus-per-task=1 shows each task only its own GPU: local rank 3 is then device 0.
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
