@@ -114,7 +114,8 @@ class _TimedStage(PipelineStage):
 
 
 class Pipeline:
-    """This rank's stages, their schedules (one per micro-batch count) and the tied embedding."""
+    """This rank's stages, the schedule running them (remade when the micro-batch count changes) and the tied
+    embedding."""
 
     def __init__(self, spec: ScheduleSpec, layout: list[list[int]], stage_ids: list[int], stages: list[Transformer],
                  mesh: ParallelMesh, device: torch.device, recompute: bool = False):
@@ -139,7 +140,7 @@ class Pipeline:
                                  dw_builder=_full_backward if self._whole_backward(stage) else None)
                      for s, stage in zip(self.stage_ids, self.stages)]
             cls = getattr(pipelining, f"Schedule{self.spec.name}")
-            self._schedule_of = None  # the old stages' buffers go before the new ones are made
+            self._schedule_of = None  # the old stages (and their receive buffers) are released
             # scale_grads=False: the loss is already this micro-batch's share of the global mean.
             schedule = cls(timed[0] if len(timed) == 1 and not _multi(cls) else timed, n_micro, loss_fn=self._loss,
                            scale_grads=False)
