@@ -75,7 +75,8 @@ def load_run(run_dir: str | Path) -> Run:
             records[r["step"]] = r  # a step logged twice (a resumed run): the later record
     if not records:
         raise ReportError(f"{path}: no step records (the file is empty or unreadable)")
-    return Run(run_dir, [records[s] for s in sorted(records)], _read_config(run_dir / "config.yaml"))
+    return Run(run_dir, [records[s] for s in sorted(records)], _read_config(run_dir / "config.yaml"),
+               _labels([run_dir])[0])
 
 
 def _read_config(path: Path) -> dict:
@@ -257,9 +258,10 @@ def _loss_panel(ax, runs: list[Run], colors: list[str]) -> None:
             steps, v = run.series(key)
             color, ls = (colors[i], PART_STYLES[j]) if several else (f"C{j}", "-")
             ax.plot(steps, v, color=color, ls=ls, lw=1.6, label=text, gid=f"{key}|{run.label}")
-        steps, v = run.series("val_loss")
-        ax.plot(steps, v, "o", color=colors[i] if several else "black", ms=6, mec="white", zorder=5,
-                label="validation LM loss", gid=f"val_loss|{run.label}")
+        if has_val:
+            steps, v = run.series("val_loss")
+            ax.plot(steps, v, "o", color=colors[i] if several else "black", ms=6, mec="white", zorder=5,
+                    label="validation LM loss", gid=f"val_loss|{run.label}")
         if twin is not None:
             steps, v = run.series("balance_loss")
             twin.plot(steps, v, color=colors[i] if several else "C3", ls="-.", lw=1.0, alpha=0.7,
@@ -277,8 +279,9 @@ def _loss_panel(ax, runs: list[Run], colors: list[str]) -> None:
 
         handles = [Line2D([], [], color="black", ls=PART_STYLES[j]) for j in range(len(parts))]
         labels = [text for _, text in parts]
-        handles += [Line2D([], [], color="black", marker="o", ls="")]
-        labels += ["validation LM loss"]
+        if has_val:
+            handles.append(Line2D([], [], color="black", marker="o", ls=""))
+            labels.append("validation LM loss")
         if twin is not None:
             handles.append(Line2D([], [], color="black", ls="-.", alpha=0.7))
             labels.append("balance (right axis)")
@@ -303,7 +306,7 @@ def _scale_axis(ax, values: list[np.ndarray]) -> str:
 
 def _line_panel(ax, runs, colors, key: str, title: str, ylabel: str) -> bool:
     if not any(len(r.series(key)[0]) for r in runs):
-        _not_logged(ax, title, f"{key!r}")
+        _not_logged(ax, title, key)
         return False
     for i, run in enumerate(runs):
         steps, v = run.series(key)
@@ -427,6 +430,8 @@ def _bias_panel(fig, ax, runs: list[Run], colors: list[str]) -> None:
 
             ax.figure.colorbar(ScalarMappable(Normalize(0, n - 1), cmap), ax=ax, pad=0.01).set_label("MoE layer index")
         return
+    if not any(len(r.series("expert_bias_abs_mean")[0]) for r in runs):
+        return _not_logged(ax, title, "expert bias")
     if _line_panel(ax, runs, colors, "expert_bias_abs_mean", "Expert selection bias: mean |bias|",
                    "mean |bias| over layers and experts"):
         ax.text(0.01, 0.02, "per-layer min/max not logged", fontsize=8, color="0.3", transform=ax.transAxes)
