@@ -345,7 +345,7 @@ def _throughput_panel(ax, runs, colors) -> None:
     from matplotlib.lines import Line2D
 
     ax.legend([Line2D([], [], color="black"), Line2D([], [], color="black", ls="--")], ["tokens/s", "MFU (right)"],
-              fontsize=9, loc="lower right", framealpha=0.85)
+              fontsize=9, loc="best", framealpha=0.85)
 
 
 def _layer_names(run: Run, n: int) -> list[str]:
