@@ -11,6 +11,7 @@ commands:
   prepare-data INPUTS...     tokenise text files into shards (--help for options)
   convert --to-hf CKPT OUT   export a checkpoint to the Hugging Face DeepSeek-V3 format
   convert --from-hf DIR OUT  import a Hugging Face checkpoint (FP8 weights dequantised)
+  report RUN_DIR... [--out]  plot runs' metrics.jsonl: one PNG dashboard and an HTML page beside it
   completion bash            print a bash completion script: eval "$(moetrain completion bash)"
 """
 
@@ -19,7 +20,7 @@ commands:
 BASH_COMPLETION = r"""_moetrain_complete() {
   local cur=${COMP_WORDS[COMP_CWORD]}
   if [ "$COMP_CWORD" -eq 1 ]; then
-    mapfile -t COMPREPLY < <(compgen -W "train prepare-data convert completion" -- "$cur")
+    mapfile -t COMPREPLY < <(compgen -W "train prepare-data convert report completion" -- "$cur")
   elif [ "${COMP_WORDS[1]}" = train ]; then
     local line=${COMP_LINE/ train/}
     local choices
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from moetrain.checkpoint.convert import main as convert_main
 
         return convert_main(rest)
+    if command == "report":
+        from moetrain.report import main as report_main
+
+        return report_main(rest)
     if command == "completion":
         if rest != ["bash"]:
             print("usage: moetrain completion bash", file=sys.stderr)

@@ -124,11 +124,12 @@ def wandb_run_id(run_dir: Path, new: bool = False) -> str:
 
 
 def _flat(record: dict) -> dict:
-    """List values (MaxVio per layer, bubble per pipeline rank) as one scalar per index: ``key/i``."""
+    """List values (MaxVio per layer, bubble per pipeline rank) as one scalar per index: ``key/i``; lists of lists
+    (tokens per expert of each MoE layer) as ``key/i/j``."""
     out = {}
     for k, v in record.items():
         if isinstance(v, list):
-            out.update({f"{k}/{i}": x for i, x in enumerate(v)})
+            out.update(_flat({f"{k}/{i}": x for i, x in enumerate(v)}))
         else:
             out[k] = v
     return out

@@ -34,7 +34,7 @@ from moetrain.data.indexed import ShardError
 from moetrain.hf import HFFormatError
 from moetrain.metrics import MetricsLogger, log_text, memory_gb
 from moetrain.model import ConfigError, build_model, collect_expert_counts, lm_output, update_expert_bias
-from moetrain.model.balance import pop_balance_loss
+from moetrain.model.balance import pop_balance_loss, routers
 from moetrain.model.layers import is_recomputing
 from moetrain.model.moe import MoE
 from moetrain.optim import build_optimizer, set_lr
@@ -107,6 +107,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._preempted = False
         self._nonfinite_steps = 0  # consecutive
+        self._expert_load_LE = None  # global per-expert token counts of this rank's MoE layers since the last record
         self._log(f"moetrain: {self.job.model.n_layers} layers, {n_params / 1e6:.2f}M parameters, "
                   f"{self.dp} data-parallel rank(s){f' (ep {self.mesh.ep})' if self.mesh.ep > 1 else ''}"
                   f"{self._pipeline_note()} on {name}, compute {self.precision}, "
@@ -491,6 +492,9 @@ class Trainer:
         gamma = 0.0 if skipped else bias_update_speed_at(step, job.train)
         # Counts of the whole global batch, so that every rank applies the same bias update.
         counts_LE = all_reduce_sum(counts_LE.to(self.device), self.mesh.dp_group)
+        # NOTE: float64, exact past fp32's 2**24 for the counts of many large global batches.
+        load_LE = counts_LE.double()
+        self._expert_load_LE = load_LE if self._expert_load_LE is None else self._expert_load_LE + load_LE
         maxvio = self._every_layer(layer_ids, update_expert_bias(self.model, gamma, (layer_ids, counts_LE)))
         self.tokens_seen += global_batch * job.train.seq_len
         return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
@@ -545,12 +549,13 @@ class Trainer:
         return kwargs
 
     def _every_layer(self, layer_ids: list[int], values_L: torch.Tensor) -> torch.Tensor:
-        """A per-MoE-layer vector of this rank's layers, completed with the other pipeline ranks' (all layers)."""
+        """Per-MoE-layer values (rows: this rank's layers, any trailing shape), completed with the other pipeline
+        ranks' rows (all layers)."""
         if self.pipeline is None:
             return values_L
         cfg = self.job.model
         all_ids = [i for i in range(cfg.n_layers + cfg.n_mtp_layers) if i >= cfg.moe.first_k_dense_replace]
-        full = torch.zeros(len(all_ids), device=self.device)
+        full = torch.zeros(len(all_ids), *values_L.shape[1:], dtype=values_L.dtype, device=self.device)
         for layer_id, v in zip(layer_ids, values_L):
             full[all_ids.index(layer_id)] = v
         return all_reduce_sum(full, self.mesh.pp_group).cpu()
@@ -562,6 +567,31 @@ class Trainer:
         t[0] = sum(biases, torch.zeros((), device=self.device))
         all_reduce_sum(t, self.mesh.pp_group)
         return float(t[0] / t[1]) if t[1] else 0.0
+
+    def _expert_bias_spread(self) -> dict[str, list[float]]:
+        """Min, max and standard deviation over experts of each MoE layer's selection bias (all pipeline ranks)."""
+        rs = routers(self.model)
+        stats_L3 = torch.zeros(0, 3, device=self.device)
+        if rs:
+            bias_LE = torch.stack([r.expert_bias for r in rs])
+            stats_L3 = torch.stack([bias_LE.amin(dim=-1), bias_LE.amax(dim=-1), bias_LE.std(dim=-1, unbiased=False)],
+                                   dim=-1)
+        # NOTE: a pipeline rank without MoE layers still joins _every_layer's all-reduce, with zero rows.
+        stats_L3 = self._every_layer([r.layer_id for r in rs], stats_L3)
+        if not len(stats_L3):
+            return {}
+        return {f"expert_bias_{name}_per_layer": [float(f"{v:.5g}") for v in stats_L3[:, i].tolist()]
+                for i, name in enumerate(("min", "max", "std"))}
+
+    def _pop_expert_load(self) -> list[list[int]]:
+        """Tokens routed to each expert of each MoE layer (all ranks) over the steps since the last record; the sum
+        over a layer's experts is topk times the tokens of those steps."""
+        rs, E = routers(self.model), self.job.model.moe.n_routed_experts
+        load_LE = self._expert_load_LE
+        self._expert_load_LE = None
+        load_LE = torch.zeros(len(rs), E, dtype=torch.float64, device=self.device) if load_LE is None else \
+            load_LE.reshape(len(rs), E)  # (0, 0) from collect_expert_counts on a rank without MoE layers
+        return self._every_layer([r.layer_id for r in rs], load_LE).round().long().tolist()
 
     def _bubble_per_rank(self, mine: float) -> list[float]:
         """Each pipeline rank's idle fraction, averaged over the data-parallel replicas."""
@@ -631,7 +661,8 @@ class Trainer:
             tokens_per_s=tokens_per_s, tflops=tflops, mfu=tflops / self.peak if self.peak else None,
             max_violation=float(maxvio.mean()) if maxvio.numel() else 0.0,
             max_violation_per_layer=[round(float(v), 4) for v in maxvio],
-            expert_bias_abs_mean=self._expert_bias_abs_mean(), memory_gb=memory_gb(self.device),
+            expert_bias_abs_mean=self._expert_bias_abs_mean(), **self._expert_bias_spread(),
+            expert_load=self._pop_expert_load(), memory_gb=memory_gb(self.device),
             tokens_seen=self.tokens_seen, global_batch=stats["global_batch"], mtp_lambda=stats["mtp_lambda"])
         if "val_loss" in stats:
             record["val_loss"] = stats["val_loss"]
