@@ -70,12 +70,17 @@ class MetricsLogger:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         if self._jsonl:
             self._jsonl.write(json.dumps(record) + "\n")
+        scalars, matrices = _flat({k: v for k, v in record.items() if not _is_matrix(v)}), _per_row(record)
         if self._wandb is not None:
-            self._wandb.log(_flat(record), step=step)
+            import wandb
+
+            self._wandb.log({**scalars, **{k: wandb.Histogram(row) for k, row in matrices.items()}}, step=step)
         if self._tensorboard is not None:
-            for key, value in _flat(record).items():
+            for key, value in scalars.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tensorboard.add_scalar(key, value, step)
+            for key, row in matrices.items():
+                self._tensorboard.add_histogram(key, torch.tensor(row, dtype=torch.float64), step)
         line = self._console_line(step, metrics)  # formatted from the numbers themselves: nan and inf print as such
         with open(self.run_dir / "train.log", "a") as f:
             f.write(line + os.linesep)
@@ -124,15 +129,24 @@ def wandb_run_id(run_dir: Path, new: bool = False) -> str:
 
 
 def _flat(record: dict) -> dict:
-    """List values (MaxVio per layer, bubble per pipeline rank) as one scalar per index: ``key/i``; lists of lists
-    (tokens per expert of each MoE layer) as ``key/i/j``."""
+    """List values (MaxVio per layer, bubble per pipeline rank) as one scalar per index: ``key/i``."""
     out = {}
     for k, v in record.items():
         if isinstance(v, list):
-            out.update(_flat({f"{k}/{i}": x for i, x in enumerate(v)}))
+            out.update({f"{k}/{i}": x for i, x in enumerate(v)})
         else:
             out[k] = v
     return out
+
+
+def _is_matrix(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], list)
+
+
+def _per_row(record: dict) -> dict[str, list]:
+    """Lists of lists (tokens per expert of each MoE layer) as one histogram per row, ``key/moe_layer_i``: a
+    DeepSeek-V3 has 58 x 256 of them, too many for one scalar each."""
+    return {f"{k}/moe_layer_{i}": row for k, v in record.items() if _is_matrix(v) for i, row in enumerate(v)}
 
 
 def _move_records_after(path: Path, step: int, replaced: Path) -> None:

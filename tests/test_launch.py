@@ -211,13 +211,19 @@ def test_tensorboard_event_files_hold_the_metrics(tmp_path):
 
     _moetrain(tmp_path, "run.dir=run", "train.steps=3", "logging.interval=1", "logging.tensorboard.enabled=true",
               *SMALL)
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"histograms": 0})  # 0 = all
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert {"loss", "grad_norm", "max_violation_per_layer/0"} <= set(scalars)
     records = _records(tmp_path / "run")
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
+    # Tokens per expert: one histogram per MoE layer and record, over the experts' loads of that record.
+    loads = events.Histograms("expert_load/moe_layer_0")
+    assert [h.step for h in loads] == [1, 2, 3]
+    for h, r in zip(loads, records):
+        assert h.histogram_value.num == len(r["expert_load"][0])
+        assert h.histogram_value.sum == pytest.approx(sum(r["expert_load"][0]))
 
 
 def test_bash_completion_completes_subcommands_and_overrides(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import small_job
 from moetrain.cli import main as cli_main
-from moetrain.metrics import _flat
+from moetrain.metrics import _flat, _is_matrix, _per_row
 from moetrain.report import PANELS, build_figure, load_run, render
 from moetrain.train import Trainer
 
@@ -51,10 +51,10 @@ def test_expert_load_counts_every_routed_token_since_the_last_record(run):
         prev = r["step"]
 
 
-def test_nested_lists_flatten_per_index_for_wandb_and_tensorboard():
-    assert _flat({"step": 3, "expert_load": [[1, 2], [3, 4]], "bubble": [0.5]}) == {
-        "step": 3, "expert_load/0/0": 1, "expert_load/0/1": 2, "expert_load/1/0": 3, "expert_load/1/1": 4,
-        "bubble/0": 0.5}
+def test_lists_become_scalars_and_lists_of_lists_histograms_for_wandb_and_tensorboard():
+    record = {"step": 3, "expert_load": [[1, 2], [3, 4]], "bubble": [0.5]}
+    assert _flat({k: v for k, v in record.items() if not _is_matrix(v)}) == {"step": 3, "bubble/0": 0.5}
+    assert _per_row(record) == {"expert_load/moe_layer_0": [1, 2], "expert_load/moe_layer_1": [3, 4]}
 
 
 def test_report_command_writes_a_dashboard_and_html_page(run):
