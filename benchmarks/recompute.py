@@ -124,7 +124,9 @@ def _allocated_at(prof, marker_addr: int) -> tuple[int, int]:
         with open(f"{tmp}/trace.json") as f:
             events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
     events.sort(key=lambda e: e["ts"])
-    totals = [e["args"]["Total Allocated"] for e in events]
+    # The profiler's running total may start from an earlier profile's in the same process: measure from its start.
+    base = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    totals = [e["args"]["Total Allocated"] - base for e in events]
     # The marker is still alive, so its allocation is the last one at its address (freed blocks are reused).
     at = max(i for i, e in enumerate(events) if e["args"]["Addr"] == marker_addr and e["args"]["Bytes"] > 0)
     return totals[at] - events[at]["args"]["Bytes"], max(totals)

@@ -11,6 +11,7 @@ commands:
   prepare-data INPUTS...     tokenise text files into shards (--help for options)
   convert --to-hf CKPT OUT   export a checkpoint to the Hugging Face DeepSeek-V3 format
   convert --from-hf DIR OUT  import a Hugging Face checkpoint (FP8 weights dequantised)
+  plan [--json] [overrides]  memory per GPU, traffic, time and cost of a job before launch (train's overrides)
   report RUN_DIR... [--out]  plot runs' metrics.jsonl: one PNG dashboard and an HTML page beside it
   completion bash            print a bash completion script: eval "$(moetrain completion bash)"
 """
@@ -20,7 +21,7 @@ commands:
 BASH_COMPLETION = r"""_moetrain_complete() {
   local cur=${COMP_WORDS[COMP_CWORD]}
   if [ "$COMP_CWORD" -eq 1 ]; then
-    mapfile -t COMPREPLY < <(compgen -W "train prepare-data convert report completion" -- "$cur")
+    mapfile -t COMPREPLY < <(compgen -W "train plan prepare-data convert report completion" -- "$cur")
   elif [ "${COMP_WORDS[1]}" = train ]; then
     local line=${COMP_LINE/ train/}
     local choices
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0] + " train", *rest]  # Hydra reads its overrides from sys.argv
         train.main()
         return 0
+    if command == "plan":
+        from moetrain.planner import main as plan_main
+
+        return plan_main(rest)
     if command == "prepare-data":
         from moetrain.data.prepare import main as prepare_main
 

@@ -329,6 +329,35 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    """What ``moetrain plan`` assumes beyond the job's own config: the cluster, the speed, the budget."""
+
+    gpu: str = "H100"  # a name of moetrain.plan.GPU_MEMORY_GB / PEAK_TFLOPS, or any with the two keys below
+    gpu_memory_gb: float | None = None  # null = the datasheet's
+    peak_tflops: float | None = None  # dense bf16; null = the datasheet's
+    gpus: int | None = None  # the world size; null = parallel.dp * parallel.pp when dp is set, else 1
+    reserved_gb: float = 4.0  # per GPU outside the model: CUDA context, NCCL buffers, allocator fragmentation
+    # Speed, the first one set wins: a measured rate, a measured job throughput, else an assumed MFU.
+    gpu_hours_per_trillion_tokens: float | None = None
+    tokens_per_s: float | None = None  # of the whole job
+    mfu: float = 0.4
+    tokens: float | None = None  # the token budget; null = train.steps * global batch * seq_len
+    extra_gpu_hours: dict[str, float] = field(default_factory=dict)  # named phases beyond pretraining
+    price_per_gpu_hour: float = 2.0  # dollars
+
+    def validate(self, prefix: str = "plan") -> None:
+        for key in ("gpu_memory_gb", "peak_tflops", "gpu_hours_per_trillion_tokens", "tokens_per_s", "tokens"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"{prefix}.{key}", f"must be positive (or null), got {value}")
+        require(self.gpus is None or self.gpus >= 1, f"{prefix}.gpus", f"must be >= 1, got {self.gpus}")
+        require(0 < self.mfu <= 1, f"{prefix}.mfu", f"must be in (0, 1], got {self.mfu}")
+        require(self.reserved_gb >= 0 and self.price_per_gpu_hour >= 0, f"{prefix}.reserved_gb",
+                "reserved_gb and price_per_gpu_hour must be >= 0")
+        for name, hours in self.extra_gpu_hours.items():
+            require(hours >= 0, f"{prefix}.extra_gpu_hours.{name}", f"must be >= 0, got {hours}")
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -339,6 +368,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # read by `moetrain plan` only
 
     def validate(self, world_size: int = 1) -> "JobConfig":
         _require_finite(self, "")
@@ -355,6 +385,7 @@ class JobConfig:
                 "set data.val_fraction > 0 or train.val_interval=0")
         self.checkpoint.validate()
         self.logging.validate()
+        self.plan.validate()
         return self
 
 
@@ -402,7 +433,7 @@ def _job_id() -> str:
 # some steps or another checkpoint interval keeps its run.dir.
 _NOT_IDENTITY = ("run.", "checkpoint.resume", "checkpoint.interval", "checkpoint.keep_last", "checkpoint.async_save",
                  "checkpoint.allow_data_change", "train.steps", "train.stop_at", "train.profile", "train.val_",
-                 "train.max_nonfinite_steps", "data.prefetch", "logging.", "hydra.")
+                 "train.max_nonfinite_steps", "data.prefetch", "logging.", "hydra.", "plan")
 
 
 def _run_name() -> str:

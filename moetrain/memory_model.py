@@ -173,7 +173,8 @@ def state_bytes(dense: float, experts: float, unit: float, *, strategy: str, zer
 
     - fsdp (FSDP2, moetrain's default): fp32 master weights, fp32 gradients and Adam's two moments sharded; forward
       gathers parameters in the compute dtype one unit (block) at a time, two in flight with prefetch (``unit``:
-      the largest unit's local parameters); inside pipeline stages the whole stage stays gathered for the step.
+      the largest unit's local parameters). Inside pipeline stages torch's schedule keeps the whole stage gathered
+      for the step and accumulates unsharded fp32 gradients until the last micro-batch's backward reduces them.
     - ddp: everything replicated: fp32 weights, gradients, Adam.
     - deepspeed: the ZeRO paper's accounting, K = 12 bytes of optimizer state per parameter (fp32 master and two
       moments) under bf16, 8 under fp32 (no master copy); stage 1 shards those, stage 2 gradients too;
@@ -183,7 +184,7 @@ def state_bytes(dense: float, experts: float, unit: float, *, strategy: str, zer
     full = dense + experts
     if strategy == "fsdp":
         gathered = a * (full if pp > 1 else 2 * unit)
-        return StateBytes(weights=4 * shard + gathered, gradients=4 * shard + (0 if pp > 1 else a * unit),
+        return StateBytes(weights=4 * shard + gathered, gradients=4 * shard + (4 * full if pp > 1 else a * unit),
                           optimizer=8 * shard)
     if strategy == "ddp":
         return StateBytes(weights=4 * full, gradients=4 * full, optimizer=8 * full)
@@ -194,24 +195,22 @@ def state_bytes(dense: float, experts: float, unit: float, *, strategy: str, zer
     raise ValueError(f"parallel.dp_strategy: unknown strategy {strategy!r}")
 
 
-def in_flight_microbatches(schedule: str, pp: int, pp_rank: int, m: int, chunks: int) -> float:
-    """Micro-batches whose activations a pipeline rank holds at once, in units of all of that rank's layers.
+def in_flight_microbatches(schedule: str, pp: int, n_stages: int, stage: int, m: int) -> float:
+    """Micro-batches whose activations pipeline stage ``stage`` (of ``n_stages``) holds at once.
 
-    1F1B: ``pp - rank`` warm-up forwards (PipeDream-Flush); GPipe: all m; Interleaved1F1B: Megatron's warm-up of
-    ``2 (pp - rank - 1) + (v - 1) pp`` chunk-forwards plus one, each 1/v of the rank's layers; ZBVZeroBubble and
-    DualPipeV: 1F1B's pp and DualPipe's pp + 1 (the ZB-V and DeepSeek-V3 papers' tables). Never more than m.
+    GPipe: all m. 1F1B, and each stage of the V-shaped schedules: the forwards a stage runs before its first
+    backward, ``n_stages - stage`` (PipeDream-Flush; over a V this gives rank r ``2 pp + 1`` stage-micro-batches in
+    all, 1F1B's ``pp`` micro-batches of a whole rank, as the ZB-V paper states), DualPipeV one more (DeepSeek-V3's
+    ``pp + 1``). Interleaved1F1B: Megatron's warm-up of ``2 (pp - r - 1) + (v - 1) pp + 1`` chunk-forwards on
+    rank r, spread over the rank's v stages. Never more than m.
     """
     if pp == 1:
         return 1.0
     if schedule == "GPipe":
         return float(m)
-    if schedule == "1F1B":
-        return float(min(m, pp - pp_rank))
+    if schedule in ("1F1B", "ZBVZeroBubble", "DualPipeV"):
+        return float(min(m, n_stages - stage + (schedule == "DualPipeV")))
     if schedule == "Interleaved1F1B":
-        chunk_fwds = min(m * chunks, 2 * (pp - pp_rank - 1) + (chunks - 1) * pp + 1)
-        return chunk_fwds / chunks
-    if schedule == "ZBVZeroBubble":
-        return float(min(m, pp))
-    if schedule == "DualPipeV":
-        return float(min(m, pp + 1))
+        v, r = n_stages // pp, stage % pp
+        return min(m * v, 2 * (pp - r - 1) + (v - 1) * pp + 1) / v
     raise ValueError(f"parallel.pp_schedule: unknown schedule {schedule!r}")

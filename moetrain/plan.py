@@ -14,6 +14,9 @@ from moetrain.model.config import ModelConfig
 # Dense bf16 peak TFLOP/s per device (datasheet, without sparsity); matched as a substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0,
                "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
+# Memory per device in GB (datasheet; the 80 GB parts of A100/A800).
+GPU_MEMORY_GB = {"H200": 141.0, "H100": 80.0, "H800": 80.0, "H20": 96.0, "A100": 80.0, "A800": 80.0,
+                 "B200": 180.0, "GB200": 186.0, "L40S": 48.0, "A10G": 24.0, "RTX 4090": 24.0}
 
 
 def _attention_params(cfg: ModelConfig) -> int:
@@ -35,6 +38,39 @@ def _ffn_params(cfg: ModelConfig, layer: int) -> int:
     if layer < m.first_k_dense_replace:
         return 3 * D * cfg.inter_dim
     return D * m.n_routed_experts + 3 * D * m.moe_inter_dim * (m.n_routed_experts + m.n_shared_experts)
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    """RMSNorm weights of one block: attn_norm, ffn_norm, MLA's kv_norm (and q_norm)."""
+    return 2 * cfg.dim + cfg.attn.kv_lora_rank + cfg.attn.q_lora_rank
+
+
+def block_params(cfg: ModelConfig, layer: int) -> tuple[int, int]:
+    """(parameters outside the routed experts, routed-expert parameters) of block ``layer`` (MTP blocks follow
+    the main ones: ``n_layers + k``)."""
+    m, D = cfg.moe, cfg.dim
+    routed = 0 if layer < m.first_k_dense_replace else 3 * D * m.moe_inter_dim * m.n_routed_experts
+    return _attention_params(cfg) + _norm_params(cfg) + _ffn_params(cfg, layer) - routed, routed
+
+
+def mtp_module_params(cfg: ModelConfig, depth: int) -> tuple[int, int]:
+    """(outside routed experts, routed) of MTP module ``depth`` (1-based): enorm, hnorm, eh_proj, its block, its
+    norm; the embedding and head are the main model's."""
+    dense, routed = block_params(cfg, cfg.n_layers + depth - 1)
+    return dense + 3 * cfg.dim + 2 * cfg.dim * cfg.dim, routed
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters as the V3 report counts them: ``total`` of the main model (embedding, blocks, final norm, head),
+    ``mtp`` of the MTP modules without the shared embedding and head, ``active`` the matmul weights one token of
+    the main model passes through (the head included, the embedding lookup not), ``routed`` the main model's
+    routed experts'."""
+    blocks = [block_params(cfg, i) for i in range(cfg.n_layers)]
+    mtp = [mtp_module_params(cfg, k) for k in range(1, cfg.n_mtp_layers + 1)]
+    total = sum(d + r for d, r in blocks) + 2 * cfg.vocab_size * cfg.dim + cfg.dim
+    return {"total": total, "mtp": sum(d + r for d, r in mtp), "active": active_matmul_params(cfg, with_mtp=False),
+            "routed": sum(r for _, r in blocks),
+            "embedding": cfg.vocab_size * cfg.dim}
 
 
 def pipeline_unit_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[tuple[float, int]], tuple[float, int],
