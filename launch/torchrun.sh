@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, all its GPUs (or NPROC processes on CPU with gloo):
-#   bash launch/torchrun.sh model=proxy data=synthetic train.steps=100
+#   bash launch/torchrun.sh model=proxy data=synthetic train.global_batch_size=64 train.micro_batch_size=8
 # run.dir depends only on the command, so every rank agrees and running it again continues the run.
 # SIGUSR1 or SIGTERM to torchrun reaches every worker (torch >= 2.10): each checkpoints at its next step and exits
 # 0 (torchrun itself exits 1 after a signal it handled).

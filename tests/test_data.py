@@ -261,3 +261,31 @@ def test_prepare_refuses_a_directory_it_did_not_start(tmp_path):
     with pytest.raises(FileExistsError, match="existing"):
         prepare_documents(["a document"], out, progress=False)
     assert (out / "shard_00000.bin").read_bytes() == b"precious"
+
+
+def test_prepare_bar_has_the_input_bytes_as_total(tmp_path, monkeypatch):
+    """On a terminal the bar counts the input's bytes (both files, blank lines too) to its total, across workers."""
+    import io
+    import re
+
+    from tqdm import tqdm
+
+    from moetrain.data.prepare import main
+
+    class Terminal(io.StringIO):  # what tqdm draws on: stderr, when it is a terminal
+        def isatty(self):
+            return True
+
+    texts = _texts(600)
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    files[0].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:350]) + "\n")
+    files[1].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[350:]))
+    total = sum(f.stat().st_size for f in files)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert main([*map(str, files), "--output", str(tmp_path / "ds"), "--workers", "2"]) == 0
+    states = sys.stderr.getvalue().replace("\n", "\r").strip("\r").split("\r")
+    size = tqdm.format_sizeof(total, divisor=1000)
+    assert len(states) > 3 and all(f"/{size} [" in s for s in states), states  # a total from the start
+    assert states[-1].startswith("prepare-data: 100%") and f" {size}/{size} " in states[-1], (states[-1], total)
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", states[-2]), states[-2]  # elapsed<remaining: an ETA
+    assert _decode_documents(TokenDataset(str(tmp_path / "ds"))) == texts

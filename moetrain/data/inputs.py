@@ -106,24 +106,57 @@ def inputs_difference(before: dict, now: dict) -> str | None:
     return "the input description differs from the earlier run's"
 
 
-def read_documents(inputs: list[str], text_key: str, fmt: str | None) -> Iterator[str | BadDocument]:
-    """Each input document's text in order, or a :class:`BadDocument` where it has none."""
+@dataclass
+class InputSize:
+    """The size of the input in ``unit`` (bytes of json/text files, rows of parquet files and saved datasets), and
+    how much of it :func:`read_documents` has read so far (a progress bar's total and position)."""
+
+    total: int
+    unit: str  # "B" or " rows"
+    read: int = 0
+
+
+def input_size(inputs: list[str], fmt: str | None) -> InputSize | None:
+    """The input's size when it is known without reading it: the sum of the file sizes of json/text inputs, the row
+    count of parquet files (from their footers) and saved datasets; None for a mix of the two kinds."""
     if len(inputs) == 1 and is_saved_dataset(Path(inputs[0])):
-        yield from _saved_dataset(inputs[0], text_key)
+        import datasets
+
+        ds = datasets.load_from_disk(inputs[0])  # memory-mapped: its length costs no reading
+        ds = ds[next(iter(ds))] if isinstance(ds, datasets.DatasetDict) else ds
+        return InputSize(len(ds), " rows")
+    formats = {format_of(name, fmt) for name in inputs}
+    if formats <= {"json", "text"}:
+        return InputSize(sum(Path(name).stat().st_size for name in inputs), "B")
+    if formats == {"parquet"}:
+        import pyarrow.parquet as pq
+
+        return InputSize(sum(pq.read_metadata(name).num_rows for name in inputs), " rows")
+    return None
+
+
+def read_documents(inputs: list[str], text_key: str, fmt: str | None,
+                   size: InputSize | None = None) -> Iterator[str | BadDocument]:
+    """Each input document's text in order, or a :class:`BadDocument` where it has none; ``size.read`` (if given)
+    counts the bytes (json/text) or rows (parquet, datasets) read up to the document last yielded."""
+    size = size or InputSize(0, "B")
+    if len(inputs) == 1 and is_saved_dataset(Path(inputs[0])):
+        yield from _saved_dataset(inputs[0], text_key, size)
         return
     for name in inputs:
         found = format_of(name, fmt)
         if found == "json":
-            yield from _json_documents(name, text_key)
+            yield from _json_documents(name, text_key, size)
         elif found == "text":
-            yield from _text_documents(name)
+            yield from _text_documents(name, size)
         else:
-            yield from _parquet_documents(name, text_key)
+            yield from _parquet_documents(name, text_key, size)
 
 
-def _text_documents(name: str) -> Iterator[str | BadDocument]:
+def _text_documents(name: str, size: InputSize) -> Iterator[str | BadDocument]:
     with open(name, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            size.read += len(line)
             line = line.removesuffix(b"\n").removesuffix(b"\r")
             if lineno == 1:
                 line = line.removeprefix(_UTF8_BOM)
@@ -133,16 +166,19 @@ def _text_documents(name: str) -> Iterator[str | BadDocument]:
                 yield BadDocument(f"{name}:{lineno}", f"not UTF-8 (byte {e.start + 1} of the line)")
 
 
-def _json_documents(name: str, text_key: str) -> Iterator[str | BadDocument]:
+def _json_documents(name: str, text_key: str, size: InputSize) -> Iterator[str | BadDocument]:
     """JSON Lines (one object per line, blank lines skipped), or one JSON array of objects."""
     with open(name, "rb") as f:
         head = f.read(64).removeprefix(_UTF8_BOM).lstrip()
         f.seek(0)
         if head.startswith(b"["):  # a whole-file array: parsed at once (as datasets does), items by index
-            yield from _json_array(name, f.read().removeprefix(_UTF8_BOM), text_key)
+            data = f.read()
+            size.read += len(data)
+            yield from _json_array(name, data.removeprefix(_UTF8_BOM), text_key)
             return
         found = False
         for lineno, line in enumerate(f, 1):
+            size.read += len(line)
             if lineno == 1:
                 line = line.removeprefix(_UTF8_BOM)
             if line.strip():
@@ -193,22 +229,22 @@ def _json_type(value) -> str:
             list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _parquet_documents(name: str, text_key: str) -> Iterator[str | BadDocument]:
+def _parquet_documents(name: str, text_key: str, size: InputSize) -> Iterator[str | BadDocument]:
     import datasets
 
     stream = datasets.load_dataset("parquet", data_files=[name], split="train", streaming=True)
-    yield from _rows(name, stream, text_key)
+    yield from _rows(name, stream, text_key, size)
 
 
-def _saved_dataset(name: str, text_key: str) -> Iterator[str | BadDocument]:
+def _saved_dataset(name: str, text_key: str, size: InputSize) -> Iterator[str | BadDocument]:
     import datasets
 
     ds = datasets.load_from_disk(name)
     ds = ds[next(iter(ds))] if isinstance(ds, datasets.DatasetDict) else ds
-    yield from _rows(name, ds.to_iterable_dataset(), text_key)
+    yield from _rows(name, ds.to_iterable_dataset(), text_key, size)
 
 
-def _rows(name: str, stream, text_key: str) -> Iterator[str | BadDocument]:
+def _rows(name: str, stream, text_key: str, size: InputSize) -> Iterator[str | BadDocument]:
     rows = iter(stream)
     i = 0
     while True:
@@ -218,5 +254,6 @@ def _rows(name: str, stream, text_key: str) -> Iterator[str | BadDocument]:
             return
         except Exception as e:  # NOTE: a library boundary: pyarrow/datasets errors do not say which file
             raise InputError(f"{name}: cannot be read ({type(e).__name__}: {e})") from e
+        size.read += 1
         yield _text_of(f"{name}: row index {i}", row, text_key)
         i += 1

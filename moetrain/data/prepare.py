@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from multiprocessing import get_context
@@ -32,8 +33,8 @@ from tqdm import tqdm
 
 from moetrain.data.dataset import Manifest, ShardInfo, sha256_file
 from moetrain.data.indexed import ShardWriter, token_dtype
-from moetrain.data.inputs import BadDocument, InputError, check_inputs, describe_inputs, inputs_difference, \
-    read_documents
+from moetrain.data.inputs import BadDocument, InputError, InputSize, check_inputs, describe_inputs, \
+    input_size, inputs_difference, read_documents
 
 PROGRESS = "progress.json"
 BAD_DOCUMENT_POLICIES = ("fail", "skip")
@@ -132,7 +133,8 @@ def _encode_items(tok, items: list) -> list:
 # --------------------------------------------------------------------------------------------- the writer
 def prepare_documents(texts: Iterable, out_dir: str | os.PathLike, tokenizer: str = "bytes",
                       shard_tokens: int = 1 << 26, workers: int = 1, eos_id: int | None = None,
-                      progress: bool = True, inputs_id: dict | None = None, on_bad_document: str = "fail") -> Manifest:
+                      progress: bool = True, inputs_id: dict | None = None, on_bad_document: str = "fail",
+                      size: InputSize | None = None) -> Manifest:
     """Tokenise ``texts`` into shards under ``out_dir``; resumes a previous interrupted run of the same input.
 
     ``inputs_id`` describes the input (the CLI: its files with sizes and mtimes; the demo: its name, size and Python
@@ -141,6 +143,10 @@ def prepare_documents(texts: Iterable, out_dir: str | os.PathLike, tokenizer: st
     CLI's reader, or None, a number...) is a bad document: ``on_bad_document="fail"`` raises
     :class:`BadDocumentError` naming it, leaving the directory as of its last completed shard; "skip" leaves it
     out and counts it in the manifest.
+
+    ``progress``: a bar on stderr when it is a terminal. ``size``: the input's size, advanced by the reader of
+    ``texts`` (:func:`moetrain.data.inputs.read_documents`); the bar then has a total and an ETA, and moves as the
+    written documents' bytes or rows, not as far as the reader has read ahead for the workers.
     """
     if on_bad_document not in BAD_DOCUMENT_POLICIES:
         raise ValueError(f"on_bad_document must be one of {BAD_DOCUMENT_POLICIES}, got {on_bad_document!r}")
@@ -159,11 +165,13 @@ def prepare_documents(texts: Iterable, out_dir: str | os.PathLike, tokenizer: st
         return manifest
     docs_done = state["documents"]  # input documents consumed, skipped ones included
     remaining = itertools.islice(iter(texts), docs_done, None)
-    batches = _batches(remaining, _BATCH_DOCS)
+    read_at = deque()  # size.read after each batch: the workers' feeder reads ahead of the written documents
+    batches = _batches(remaining, _BATCH_DOCS, lambda: read_at.append(size.read if size else None))
     writer, t0, tokens_done = None, time.perf_counter(), 0
     # disable=None: no bar when stderr is not a terminal (logs, pipes), where it would only add lines
-    bar = tqdm(desc="prepare-data", unit=" docs", initial=docs_done, disable=None if progress else True,
-               file=sys.stderr)
+    counted = dict(total=size.total, unit=size.unit, unit_scale=size.unit == "B") if size else \
+        dict(unit=" docs", initial=docs_done)
+    bar = tqdm(desc="prepare-data", disable=None if progress else True, file=sys.stderr, **counted)
 
     def close_shard():
         nonlocal writer
@@ -199,7 +207,8 @@ def prepare_documents(texts: Iterable, out_dir: str | os.PathLike, tokenizer: st
                 tokens_done += len(ids) + 1
                 if writer.n_tokens >= shard_tokens:
                     close_shard()
-            bar.update(len(docs))
+            read = read_at.popleft()
+            bar.update(len(docs) if read is None else read - bar.n)
             bar.set_postfix(shards=len(manifest.shards),
                             tokens_per_s=f"{tokens_done / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M")
         if writer is not None and writer.lengths:
@@ -226,8 +235,9 @@ def _leave_resumable(out: Path, writer: ShardWriter | None, created: bool) -> No
         out.rmdir()
 
 
-def _batches(it: Iterator, n: int) -> Iterator[list]:
+def _batches(it: Iterator, n: int, after_each=lambda: None) -> Iterator[list]:
     while batch := list(itertools.islice(it, n)):
+        after_each()
         yield batch
 
 
@@ -306,10 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         check_inputs(args.inputs, args.format)
-        m = prepare_documents(read_documents(args.inputs, args.text_key, args.format), args.output,
+        size = input_size(args.inputs, args.format)
+        m = prepare_documents(read_documents(args.inputs, args.text_key, args.format, size), args.output,
                               args.tokenizer, args.shard_tokens, args.workers, args.eos_id,
                               inputs_id=describe_inputs(args.inputs, args.text_key, args.format),
-                              on_bad_document=args.on_bad_document)
+                              on_bad_document=args.on_bad_document, size=size)
     except (PrepareError, InputError, FileExistsError, FileNotFoundError) as e:
         hint = " (pass --on-bad-document=skip to leave bad documents out)" if isinstance(e, BadDocumentError) else ""
         print(f"prepare-data: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)  # one line, no traceback
