@@ -49,6 +49,15 @@ PROXY_BATCH = "data=synthetic train.global_batch_size=256 train.micro_batch_size
 HOW = {
     'pip install torch==2.13.0 && pip install -e ".[dev]"': How(
         "CI installs by it in a fresh virtual environment (.ci/run)", run="test_ci_installs_and_tests_as_printed"),
+    "moetrain plan model=proxy parallel=node8 data=synthetic train.seq_len=4096 train.global_batch_size=64 "
+    "train.micro_batch_size=1": How("plans the proxy on one node, which fits", run="test_plan_and_report_as_printed"),
+    "moetrain plan model=deepseek_v3_671b plan=deepseek_v3_report": How(
+        "the V3 report's figures in the table", run="test_plan_and_report_as_printed"),
+    "moetrain plan model=deepseek_v3_671b plan=deepseek_v3_report --json": How(
+        "the V3 report's figures as JSON", elsewhere="tests/test_plan.py::test_plan_reproduces_the_deepseek_v3_report"),
+    "moetrain report runs/default": How("a test-made run in runs/default", run="test_plan_and_report_as_printed"),
+    "moetrain report runs/lr1e-3 runs/lr2e-3 --out lr.png": How(
+        "two test-made runs", run="test_plan_and_report_as_printed"),
     "moetrain train": How(
         "the 300-step demo: test_demo_end_to_end runs it; validated here", world_size=1,
         elsewhere="tests/test_train.py::test_demo_end_to_end"),
@@ -324,3 +333,18 @@ def test_launch_scripts_as_printed(shell, tmp_path):
             assert args[args.index("--nnodes") + 1] == "4" and args[args.index("--nproc-per-node") + 1] == "8"
         else:  # every GPU of the node: none here
             assert args[args.index("--nproc-per-node") + 1] == str(torch.cuda.device_count() or 1)
+
+
+def test_plan_and_report_as_printed(shell, tmp_path):
+    table = shell(tmp_path, _line("test_plan_and_report_as_printed", "plan", "proxy")).stdout
+    assert "(fits)" in table and "8 x H100" in table
+    table = shell(tmp_path, _line("test_plan_and_report_as_printed", "plan", "deepseek_v3")).stdout
+    assert "671.0B total" in table and "11.6B MTP" in table and "= $5.576M" in table and "(fits)" in table
+    for name in ("default", "lr1e-3", "lr2e-3"):  # small runs in the run dirs the lines name
+        subprocess.run([sys.executable, "-m", "moetrain", "train", f"run.dir=runs/{name}", "train.steps=3",
+                        "logging.interval=1", *SMALL], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    shell(tmp_path, _line("test_plan_and_report_as_printed", "report", "default"))
+    assert (tmp_path / "runs" / "default" / "report.png").stat().st_size and \
+        (tmp_path / "runs" / "default" / "report.html").exists()
+    shell(tmp_path, _line("test_plan_and_report_as_printed", "--out"))
+    assert (tmp_path / "lr.png").stat().st_size
