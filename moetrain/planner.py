@@ -13,11 +13,11 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moetrain.config import ConfigError, JobConfig
-from moetrain.memory_model import (Activations, activation_bytes_per_token, in_flight_microbatches,
-                                   recompute_working_bytes, state_bytes)
+from moetrain.memory_model import (RECOMPUTE_MODES, Activations, activation_bytes_per_token,
+                                   in_flight_microbatches, recompute_working_bytes, state_bytes)
 from moetrain.plan import (GPU_MEMORY_GB, PEAK_TFLOPS, block_params, mtp_module_params, parameter_counts,
                            training_flops_per_token)
 
@@ -46,6 +46,7 @@ class RankPlan:
     optimizer: float
     activations: float  # kept by the micro-batches in flight
     in_flight: float
+    per_microbatch: dict[str, float]  # activations one micro-batch keeps over all the rank's stages, by recompute mode
     recompute_working: float
     all_to_all_buffers: float
     reserved: float
@@ -107,6 +108,9 @@ def plan_ranks(job: JobConfig, gpus: int) -> list[RankPlan]:
         largest_unit = max([d + e / p.ep for d, e in units] + [cfg.vocab_size * cfg.dim])
         state = state_bytes(dense, experts, largest_unit, strategy=p.dp_strategy, zero_stage=p.zero_stage,
                             offload=p.offload_optimizer, dp=dp, edp=edp, a=a, pp=p.pp)
+        per_mb = {mode: tokens_mb * sum(activation_bytes_per_token(cfg, stages[s], replace(x, mode=mode), s == 0,
+                                                                   s == S - 1) for s in mine)
+                  for mode in RECOMPUTE_MODES}
         kept, in_flight = 0.0, 0.0
         for s in mine:  # each stage's micro-batches in flight keep that stage's activations
             n = in_flight_microbatches(p.pp_schedule, p.pp, S, s, m)
@@ -118,7 +122,7 @@ def plan_ranks(job: JobConfig, gpus: int) -> list[RankPlan]:
         has_moe = any(i >= cfg.moe.first_k_dense_replace for i in layers) or (last and cfg.n_mtp_layers)
         a2a = 2 * tokens_mb * cfg.moe.router.topk * cfg.dim * a if p.ep > 1 and has_moe else 0.0
         ranks.append(RankPlan(r, layers, first, last, dense + experts, state.weights, state.gradients,
-                              state.optimizer, kept, in_flight, working, a2a, job.plan.reserved_gb * GB))
+                              state.optimizer, kept, in_flight, per_mb, working, a2a, job.plan.reserved_gb * GB))
     return ranks
 
 
@@ -198,6 +202,7 @@ def make_plan(job: JobConfig, gpus: int) -> dict:
         "memory_gb": {"gpu": memory_gb, "worst_pp_rank": worst.pp_rank, "weights": worst.weights / GB,
                       "gradients": worst.gradients / GB, "optimizer": worst.optimizer / GB,
                       "activations": worst.activations / GB, "in_flight_microbatches": worst.in_flight,
+                      "activations_per_microbatch": {k: v / GB for k, v in worst.per_microbatch.items()},
                       "recompute_working": worst.recompute_working / GB,
                       "all_to_all_buffers": worst.all_to_all_buffers / GB, "reserved": worst.reserved / GB,
                       "total": worst.total / GB, "fits": worst.total / GB <= memory_gb,
@@ -318,6 +323,8 @@ def render_table(plan: dict) -> str:
         ("  gradients", f"{mem['gradients']:.2f} GB"),
         ("  optimizer", f"{mem['optimizer']:.2f} GB (fp32 master and Adam moments where sharded so)"),
         ("  activations", f"{mem['activations']:.2f} GB ({mem['in_flight_microbatches']:g} micro-batch(es) in flight)"),
+        ("   per micro-batch", ", ".join(f"{k} {v:.2f} GB" for k, v in mem["activations_per_microbatch"].items())
+         + " (train.recompute=...)"),
         ("  recompute/loss", f"{mem['recompute_working']:.2f} GB while backward runs"),
         ("  all-to-all", f"{mem['all_to_all_buffers']:.2f} GB of dispatch buffers"),
         ("  reserved", f"{mem['reserved']:.2f} GB (plan.reserved_gb)"),

@@ -18,9 +18,22 @@ def _group_options():
             yield f"{group_dir.name}={yaml.stem}"
 
 
+# Presets for a given number of ranks: (world size, what they are for).
+_SIZED = {"parallel=node8": (8, ["model=proxy", "data=synthetic", "train.global_batch_size=64",
+                                 "train.micro_batch_size=1"]),
+          "parallel=deepseek_v3_2048": (2048, ["model=deepseek_v3_671b", "experiment=deepseek_v3"]),
+          "plan=deepseek_v3_report": (2048, ["model=deepseek_v3_671b"])}
+
+
 @pytest.mark.parametrize("option", list(_group_options()))
-def test_every_shipped_yaml_composes_and_validates(option):
+def test_every_shipped_yaml_composes_and_validates(option, monkeypatch):
     overrides = [option]
+    if option in _SIZED:
+        world, more = _SIZED[option]
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        overrides += more
+    if option == "experiment=deepseek_v3":
+        overrides.append("model=deepseek_v3_671b")
     if option.startswith("model=") and option != "model=tiny":
         overrides.append("data=synthetic")  # the demo data needs the byte vocabulary of model=tiny
     if option == "data=shards":
@@ -29,7 +42,10 @@ def test_every_shipped_yaml_composes_and_validates(option):
         overrides.append("model=deepseek_v3_671b")
     job = to_job_config(compose(overrides))
     group, name = option.split("=")
-    assert getattr(job, group) is not None
+    if group == "experiment":  # the V3 recipe over the groups: train/v3 and optim/v3
+        assert (job.train.batch_ramp_start, job.optim.schedule, job.train.recompute) == (3072, "v3", "full")
+    else:
+        assert getattr(job, group) is not None
 
 
 def _error(overrides) -> Exception:

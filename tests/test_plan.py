@@ -84,6 +84,8 @@ def test_one_node_preset_fits_an_80gb_gpu(model):
     assert (plan["layout"]["gpus"], plan["layout"]["ep"]) == (8, 8)
     assert plan["memory_gb"]["gpu"] == 80 and plan["memory_gb"]["fits"]
     parts = plan["memory_gb"]
+    per_mb = parts["activations_per_microbatch"]  # recompute none, one micro-batch in flight without a pipeline
+    assert per_mb["none"] == pytest.approx(parts["activations"]) and per_mb["full"] < per_mb["selective"] < per_mb["none"]
     assert parts["total"] == pytest.approx(sum(parts[k] for k in ("weights", "gradients", "optimizer", "activations",
                                                                   "recompute_working", "all_to_all_buffers",
                                                                   "reserved")))
