@@ -47,13 +47,10 @@ class Activations:
             raise ValueError(f"train.recompute: must be one of {RECOMPUTE_MODES}, got {self.mode!r}")
 
 
-def _norm_kept(d: int, x: Activations, selective_input: float | None = None) -> float:
+def _norm_kept(d: int, x: Activations) -> float:
     """An RMSNorm of width d: its fp32 input copy, the inverse RMS and the normalised value (the weight's gradient
-    needs it); under selective recomputation only its input (``selective_input``: bytes of the storage it is a
-    view of, when that is not a d-wide tensor of its own)."""
-    if x.mode == "selective":
-        return x.a * d if selective_input is None else selective_input
-    return 4 * d + 4 + x.a * d
+    needs it); under selective recomputation only its input."""
+    return x.a * d if x.mode == "selective" else 4 * d + 4 + x.a * d
 
 
 def attention_bytes(cfg: ModelConfig, x: Activations) -> float:

@@ -111,8 +111,13 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * active_matmul_params(cfg) + 3.0 * attn_fwd
 
 
-def peak_tflops(device_name: str) -> float | None:
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key in device_name:
-            return PEAK_TFLOPS[key]
+def lookup_device(table: dict[str, float], device_name: str) -> float | None:
+    """The entry of ``table`` whose key is in ``device_name`` (the longest such key: GB200 before B200)."""
+    for key in sorted(table, key=len, reverse=True):
+        if key.lower() in device_name.lower():
+            return table[key]
     return None
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return lookup_device(PEAK_TFLOPS, device_name)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from moetrain.config import ConfigError, JobConfig
 from moetrain.memory_model import (RECOMPUTE_MODES, Activations, activation_bytes_per_token,
                                    in_flight_microbatches, recompute_working_bytes, state_bytes)
-from moetrain.plan import (GPU_MEMORY_GB, PEAK_TFLOPS, block_params, mtp_module_params, parameter_counts,
-                           training_flops_per_token)
+from moetrain.plan import (GPU_MEMORY_GB, PEAK_TFLOPS, block_params, lookup_device, mtp_module_params,
+                           parameter_counts, training_flops_per_token)
 
 GB = 1e9
 
@@ -167,20 +167,13 @@ def _speed(job: JobConfig, gpus: int, flops_per_token: float, peak: float | None
             "step_s": global_tokens / (per_gpu * gpus), "tokens_per_step": global_tokens}
 
 
-def _lookup(table: dict[str, float], name: str) -> float | None:
-    for key in sorted(table, key=len, reverse=True):
-        if key.lower() in name.lower():
-            return table[key]
-    return None
-
-
 def make_plan(job: JobConfig, gpus: int) -> dict:
     """The plan of ``job`` on ``gpus`` GPUs, as plain numbers (what ``--json`` prints)."""
     cfg, p, t, pl = job.model, job.parallel, job.train, job.plan
-    memory_gb = pl.gpu_memory_gb or _lookup(GPU_MEMORY_GB, pl.gpu)
+    memory_gb = pl.gpu_memory_gb or lookup_device(GPU_MEMORY_GB, pl.gpu)
     if memory_gb is None:
         raise ConfigError("plan.gpu_memory_gb", f"no datasheet memory for plan.gpu={pl.gpu!r}; set plan.gpu_memory_gb")
-    peak = pl.peak_tflops or _lookup(PEAK_TFLOPS, pl.gpu)
+    peak = pl.peak_tflops or lookup_device(PEAK_TFLOPS, pl.gpu)
     flops = training_flops_per_token(cfg, t.seq_len)
     ranks = plan_ranks(job, gpus)
     worst = max(ranks, key=lambda r: r.total)
