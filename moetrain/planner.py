@@ -247,12 +247,11 @@ def _apply(job: JobConfig, overrides: dict) -> JobConfig:
 
 
 def _with_batch(job: JobConfig, gpus: int) -> JobConfig:
-    """grad_accum_steps follows the layout (it is resolved from the original one)."""
-    dp = job.parallel.data_parallel_size(gpus)
-    unit = job.train.micro_batch_size * dp
-    if job.train.global_batch_size % unit:
-        raise ConfigError("train.global_batch_size", f"not divisible by micro_batch_size * dp = {unit}")
-    job.train.grad_accum_steps = job.train.global_batch_size // unit
+    """grad_accum_steps follows the layout (it is resolved from the original one), derived as the config does."""
+    from moetrain.config import _div_exact
+
+    t = job.train
+    t.grad_accum_steps = _div_exact(t.global_batch_size, t.micro_batch_size * job.parallel.data_parallel_size(gpus))
     return job.validate(gpus)
 
 

@@ -130,6 +130,7 @@ def _matching_preset(model: dict) -> str | None:
         return None
     from omegaconf import OmegaConf
 
+    from moetrain.model.presets import preset_names
     from moetrain.resources import conf_dir
 
     def within(preset, saved) -> bool:  # every key the preset sets has its value in the saved config
@@ -137,13 +138,14 @@ def _matching_preset(model: dict) -> str | None:
             return isinstance(saved, dict) and all(within(v, saved.get(k)) for k, v in preset.items())
         return preset == saved
 
-    for path in sorted((conf_dir() / "model").glob("*.yaml")):
+    for name in preset_names():
+        path = conf_dir() / "model" / f"{name}.yaml"
         try:
             preset = OmegaConf.to_container(OmegaConf.load(path))
         except Exception:
             continue
         if isinstance(preset, dict) and "defaults" not in preset and within(preset, model):
-            return path.stem
+            return name
     return None
 
 

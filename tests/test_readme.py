@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import metrics_records
 from test_launch import SMALL, _fake_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,10 +221,6 @@ def _line(test: str, *words: str) -> str:
     return line
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_ci_installs_and_tests_as_printed():
     """.ci/run runs each README install and test command (``-q`` and pytest's options added)."""
     ci = [shlex.split(step, comments=True) for line in (ROOT / ".ci" / "run").read_text().splitlines()
@@ -264,12 +261,12 @@ def test_cpu_layouts_as_printed(shell, tmp_path):
         assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], name
     assert "(ep 2)" in (tmp_path / "runs" / "ep2" / "train.log").read_text()
     assert "2 pipeline ranks (DualPipeV" in (tmp_path / "runs" / "pp2" / "train.log").read_text()
-    _assert_close_records(_records(tmp_path / "runs" / "pp2"), _records(tmp_path / "runs" / "ep2"))
+    _assert_close_records(metrics_records(tmp_path / "runs" / "pp2"), metrics_records(tmp_path / "runs" / "ep2"))
 
 
 def test_native_fp8_as_printed(shell, tmp_path):
     shell(tmp_path, _line("test_native_fp8_as_printed"))
-    assert _records(tmp_path / "runs" / "fp8")[-1]["step"] == 2
+    assert metrics_records(tmp_path / "runs" / "fp8")[-1]["step"] == 2
     assert "compute fp8 (native, blockwise" in (tmp_path / "runs" / "fp8" / "train.log").read_text()
 
 
@@ -291,7 +288,7 @@ def test_own_data_as_printed(shell, tmp_path):
     assert web.manifest.tokenizer_fingerprint == TokenDataset(str(tmp_path / "code")).manifest.tokenizer_fingerprint
     shell(tmp_path, _line("test_own_data_as_printed", "data=shards"))
     (run,) = (tmp_path / "runs").iterdir()
-    assert _records(run)[-1]["step"] == 2
+    assert metrics_records(run)[-1]["step"] == 2
     data = yaml.safe_load((run / "config.yaml").read_text())["data"]
     assert data["paths"] == ["web", "code"] and data["weights"] == [0.7, 0.3]
 

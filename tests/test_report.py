@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import small_job
+from conftest import metrics_records, small_job
 from moetrain.cli import main as cli_main
 from moetrain.metrics import _flat, _is_matrix, _per_row
 from moetrain.report import PANELS, build_figure, load_run, render
@@ -27,15 +27,11 @@ def run(tmp_path_factory):
     return run_dir, job
 
 
-def _records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_expert_load_counts_every_routed_token_since_the_last_record(run):
     run_dir, job = run
     model = job.model
     n_moe = model.n_layers + model.n_mtp_layers - model.moe.first_k_dense_replace
-    records, prev = _records(run_dir), 0
+    records, prev = metrics_records(run_dir), 0
     assert len(records) > STEPS // LOG_INTERVAL  # the validation steps log too
     for r in records:
         load = np.array(r["expert_load"])
@@ -68,7 +64,7 @@ def test_report_command_writes_a_dashboard_and_html_page(run):
     assert image.shape[0] >= 800 and image.shape[1] >= 1200
     page = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in page
-    records = _records(run_dir)
+    records = metrics_records(run_dir)
     assert f"{records[-1]['loss']:.4f}" in page
     assert f"{[r for r in records if 'val_loss' in r][-1]['val_loss']:.4f}" in page
 
@@ -95,7 +91,7 @@ def test_two_runs_overlay_with_a_legend_naming_both(run, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "metrics.jsonl").write_text("".join(
-        json.dumps({**r, "lm_loss": r["lm_loss"] + 1.0}) + "\n" for r in _records(run_dir)))
+        json.dumps({**r, "lm_loss": r["lm_loss"] + 1.0}) + "\n" for r in metrics_records(run_dir)))
     runs = [load_run(run_dir), load_run(other)]
     runs[0].label, runs[1].label = "demo", "other"
     fig, axes = build_figure(runs)
