@@ -4,9 +4,11 @@
 # run.dir depends only on the command, so every rank agrees and running it again continues the run.
 # SIGUSR1 or SIGTERM to torchrun reaches every worker (torch >= 2.10): each checkpoints at its next step and exits
 # 0 (torchrun itself exits 1 after a signal it handled).
+# MOETRAIN_MAX_RESTARTS=N: torchrun restarts every worker after a failure (a lost rank, a refused rendezvous) up to
+# N times; the restarted workers resume from the last complete checkpoint in run.dir (default 0).
 set -euo pipefail
 NPROC="${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}"
-flags=()
+flags=(--max-restarts "${MOETRAIN_MAX_RESTARTS:-0}")
 torchrun_help=$(torchrun --help 2>&1 || true)
 if grep -q -- "--signals-to-handle" <<<"$torchrun_help"; then
   flags+=(--signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")

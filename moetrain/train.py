@@ -110,7 +110,7 @@ class Trainer:
         self._expert_load_LE = None  # global per-expert token counts of this rank's MoE layers since the last record
         self._log(f"moetrain: {self.job.model.n_layers} layers, {n_params / 1e6:.2f}M parameters, "
                   f"{self.dp} data-parallel rank(s){f' (ep {self.mesh.ep})' if self.mesh.ep > 1 else ''}"
-                  f"{self._pipeline_note()} on {name}, compute {self.precision}, "
+                  f"{self._pipeline_note()} on {name}{_kernels_note(self.device)}, compute {self.precision}, "
                   f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
                   f"tokens{_entropy_note(self.sources.unigram_entropy)}; run dir {self.run_dir}")
 
@@ -712,6 +712,13 @@ def _contents_digest(tokens) -> str | None:
     for shard in manifest.shards:
         h.update(f"{shard.name}:{shard.sha256_bin}:{shard.sha256_idx};".encode())
     return h.hexdigest()[:16]
+
+
+def _kernels_note(device: torch.device) -> str:
+    """On CPU, the kernels torch chose (ATEN_CPU_CAPABILITY) and its threads: they set the summation orders."""
+    if device.type != "cpu":
+        return ""
+    return f" ({torch.backends.cpu.get_cpu_capability()} kernels, {torch.get_num_threads()} thread(s))"
 
 
 def _entropy_note(entropy: float | None) -> str:

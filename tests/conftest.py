@@ -72,7 +72,12 @@ def _gloo_entry(rank: int, nprocs: int, init_file: str, out_file: str, fn, args)
 
 def metrics_records(run_dir) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl`` (a missing file is an error)."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return metrics_records_of(Path(run_dir) / "metrics.jsonl")
+
+
+def metrics_records_of(path) -> list[dict]:
+    """The records of a JSONL metrics file (a missing file is an error)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def run_on_gloo_ranks(fn, nprocs: int, tmp_path, *args):
@@ -82,3 +87,16 @@ def run_on_gloo_ranks(fn, nprocs: int, tmp_path, *args):
     mp.spawn(_gloo_entry, args=(nprocs, str(tmp_path / "gloo_init"), str(out_file), fn, args), nprocs=nprocs,
              join=True)
     return torch.load(out_file)
+
+
+@pytest.fixture(scope="session")
+def fp32_reference(tmp_path_factory):
+    """The 3-step fp32 run of tests/layouts.py in one process (other kernels and threads than the layouts'):
+    (run dir, records), shared by the expert-, data-parallel and DeepSpeed layout tests."""
+    from layouts import reference_env, train_reference
+
+    ref = tmp_path_factory.mktemp("fp32_one")
+    records = train_reference(ref)
+    cap = reference_env()["ATEN_CPU_CAPABILITY"].upper()
+    assert f"({cap} kernels, 2 thread(s))" in (ref / "train.log").read_text()
+    return ref, records

@@ -4,6 +4,8 @@ layouts themselves: tests/test_expert_parallel.py)."""
 import subprocess
 import sys
 
+from layouts import MAX_RESTARTS
+
 ARGS = ["train.steps=4", "logging.interval=1", "data.demo_bytes=200000", "train.seq_len=64", "train.val_interval=0",
         "train.global_batch_size=16", "train.micro_batch_size=4", "logging.console=false"]
 
@@ -17,7 +19,8 @@ def test_checkpoint_reshards_from_two_ranks_to_one(tmp_path):
 
     run, ref = tmp_path / "run", tmp_path / "ref"
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "moetrain", "train", f"run.dir={run}", "train.stop_at=2", *ARGS],
+                          "--max-restarts", MAX_RESTARTS, "-m", "moetrain", "train", f"run.dir={run}",
+                          "train.stop_at=2", *ARGS],
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     for run_dir in (run, ref):

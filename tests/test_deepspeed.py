@@ -2,7 +2,8 @@
 accelerator) reproduces the single-process run, with and without expert parallelism and optimizer offload.
 
 Each layout trains the tiny model for 3 optimizer steps on the same global batch: losses, gradient norms, every
-parameter and every router bias must equal one process's (fp32, 1e-5 relative). Every run checkpoints at step 2;
+parameter and every router bias must equal one process's (fp32, tests/layouts.py's bounds). Every run checkpoints
+at step 2;
 a ZeRO-2 (ep=2, dp=2) checkpoint resumes with DeepSpeed at the same layout, and a ZeRO-1 (ep=1, dp=2) checkpoint
 resumes under FSDP in one process; both continue the uninterrupted run exactly.
 """
@@ -12,7 +13,7 @@ import shutil
 
 import pytest
 
-from test_expert_parallel import _assert_close_records, _assert_same_model, _train
+from layouts import assert_close_records, assert_same_model, train_layout
 
 pytestmark = pytest.mark.slow
 STEP2 = ("checkpoints", "step_00000002")
@@ -31,38 +32,38 @@ def _cpu_accelerator():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    ref = tmp_path_factory.mktemp("one")
-    return ref, _train(ref, 1)
+def reference(fp32_reference):
+    return fp32_reference
 
 
 def _deepspeed(run_dir, ep, dp, stage, *overrides):
-    return _train(run_dir, dp, "parallel.dp_strategy=deepspeed", f"parallel.ep={ep}", f"parallel.zero_stage={stage}",
-                  *overrides)
+    return train_layout(run_dir, dp, "parallel.dp_strategy=deepspeed", f"parallel.ep={ep}",
+                        f"parallel.zero_stage={stage}", *overrides)
 
 
 @pytest.mark.parametrize("ep,dp,stage,offload", [(1, 2, 1, False), (2, 2, 1, False), (1, 2, 2, True)])
 def test_deepspeed_layout_matches_one_process(tmp_path, reference, ep, dp, stage, offload):
     ref_dir, ref = reference
     records = _deepspeed(tmp_path, ep, dp, stage, f"parallel.offload_optimizer={str(offload).lower()}")
-    _assert_close_records(records, ref)
-    _assert_same_model(tmp_path, ref_dir)
+    assert_close_records(records, ref)
+    assert_same_model(tmp_path, ref_dir)
     if (ep, stage) == (1, 1):  # the checkpoint resumes under FSDP, in one process
         resumed = tmp_path / "fsdp"
-        records = _train(resumed, 1, "parallel.dp_strategy=fsdp", f"checkpoint.resume={tmp_path.joinpath(*STEP2)}")
-        _assert_close_records(records, ref[2:])  # step 3 continues the uninterrupted run
-        _assert_same_model(resumed, ref_dir)
+        records = train_layout(resumed, 1, "parallel.dp_strategy=fsdp",
+                               f"checkpoint.resume={tmp_path.joinpath(*STEP2)}")
+        assert_close_records(records, ref[2:])  # step 3 continues the uninterrupted run
+        assert_same_model(resumed, ref_dir)
 
 
 def test_deepspeed_zero2_expert_parallel_matches_and_resumes(tmp_path, reference):
     ref_dir, ref = reference
     run = tmp_path / "run"
-    _assert_close_records(_deepspeed(run, 2, 2, 2), ref)
-    _assert_same_model(run, ref_dir)
+    assert_close_records(_deepspeed(run, 2, 2, 2), ref)
+    assert_same_model(run, ref_dir)
     resumed = tmp_path / "resumed"
     records = _deepspeed(resumed, 2, 2, 2, f"checkpoint.resume={run.joinpath(*STEP2)}")
-    _assert_close_records(records, ref[2:])
-    _assert_same_model(resumed, ref_dir)
+    assert_close_records(records, ref[2:])
+    assert_same_model(resumed, ref_dir)
     shutil.rmtree(run)
 
 
@@ -77,7 +78,7 @@ def test_init_from_hf_reaches_zero_master_weights(tmp_path, reference):
     proc = subprocess.run([sys.executable, "-m", "moetrain", "convert", "--to-hf", str(ref_dir / "checkpoints"),
                            str(hf)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    one = _train(tmp_path / "one", 1, f"checkpoint.init_from_hf={hf}", "train.steps=2")
+    one = train_layout(tmp_path / "one", 1, f"checkpoint.init_from_hf={hf}", "train.steps=2")
     ds = _deepspeed(tmp_path / "ds", 2, 2, 1, f"checkpoint.init_from_hf={hf}", "train.steps=2")
-    _assert_close_records(ds, one)
+    assert_close_records(ds, one)
     assert one[0]["loss"] < ref[0]["loss"] - 0.1  # trained weights, not a fresh initialisation

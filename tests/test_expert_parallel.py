@@ -2,70 +2,37 @@
 
 Each layout trains the tiny model (8 experts, group-limited routing over 4 groups) for 3 optimizer steps on the
 same global batch: losses, gradient norms, every parameter and every router bias must equal one process's
-(fp32, 1e-5 relative). A checkpoint written at (ep=2, dp=4) resumes at (ep=1, dp=1) and at (ep=4, dp=4).
-(ep=2, dp=4) itself is checked by the resume test.
+(fp32, tests/layouts.py's bounds; the reference runs other CPU kernels). A checkpoint written at (ep=2, dp=4)
+resumes at (ep=1, dp=1) and at (ep=4, dp=4); (ep=2, dp=4) itself is checked by the resume test. One layout loses
+its ranks while saving the last step: torchrun restarts them, and they resume and end as the uninterrupted run.
 """
 
-import json
+import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from moetrain.checkpoint.convert import load_checkpoint_model
-from moetrain.checkpoint.manager import list_checkpoints
-
-ARGS = ["train.steps=3", "logging.interval=1", "data.demo_bytes=200000", "train.seq_len=64", "train.val_interval=0",
-        "train.global_batch_size=16", "train.micro_batch_size=4", "logging.console=false",
-        "checkpoint.interval=2", "checkpoint.keep_last=2"]
-KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "expert_bias_abs_mean")
-
-
-def _train(run_dir, nproc, *overrides, entry=("moetrain", "train")):
-    """``moetrain train`` (or ``entry=("moetrain.train",)``: ``python -m moetrain.train``) on nproc ranks."""
-    launcher = [sys.executable, "-m"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
-    proc = subprocess.run([*launcher, *entry, f"run.dir={run_dir}", *ARGS, *overrides],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _assert_close_records(got, want, val=True):
-    """Every logged number of every step; ``val``: the validation loss too where the reference has one (it covers
-    train.val_batches x dp micro-batches, so compare it between runs of the same dp only)."""
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(got, want):
-        for key in KEYS + (("val_loss",) if "val_loss" in b and val else ()):
-            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
-        assert a["max_violation_per_layer"] == pytest.approx(b["max_violation_per_layer"], abs=1e-4)
-
-
-def _assert_same_model(run_dir, ref_dir):
-    got = load_checkpoint_model(list_checkpoints(run_dir / "checkpoints")[0]).state_dict()
-    want = load_checkpoint_model(list_checkpoints(ref_dir / "checkpoints")[0]).state_dict()
-    assert got.keys() == want.keys()
-    for k in want:  # parameters and the persistent router biases (expert_bias)
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert any(k.endswith("expert_bias") and want[k].abs().sum() > 0 for k in want)  # biases did move
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    ref = tmp_path_factory.mktemp("one")
-    return ref, _train(ref, 1)
+from moetrain.checkpoint.manager import FAULT_ENV
+from conftest import metrics_records_of
+from layouts import KEYS, assert_close_records, assert_same_model, train_layout
 
 
 @pytest.mark.parametrize("strategy,ep,dp", [("fsdp", 1, 2), ("fsdp", 2, 2), ("fsdp", 4, 4), ("ddp", 1, 2),
                                              ("ddp", 2, 2)])
-def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, reference, strategy, ep, dp):
-    ref_dir, ref = reference
+def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, fp32_reference, strategy, ep, dp):
+    ref_dir, ref = fp32_reference
     entry = ("moetrain.train",) if strategy == "ddp" else ("moetrain", "train")  # both entry points work
-    records = _train(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}", entry=entry)
-    _assert_close_records(records, ref)
-    _assert_same_model(tmp_path, ref_dir)
+    # (fsdp, ep 2, dp 2): every rank dies (SIGKILL) while saving step 3, after step 2's checkpoint completed.
+    crash = (strategy, ep, dp) == ("fsdp", 2, 2)
+    env = {**os.environ, FAULT_ENV: "kill_during_save@3"} if crash else None
+    records = train_layout(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}", entry=entry,
+                           env=env)
+    assert_close_records(records, ref)
+    assert_same_model(tmp_path, ref_dir)
+    if crash:  # the restarted group resumed from step 2, and metrics.jsonl holds step 3 once (its first try aside)
+        assert "continuing after step 2" in (tmp_path / "train.log").read_text()
+        assert [r["step"] for r in metrics_records_of(tmp_path / "metrics.replaced.jsonl")] == [3]
     # Node-limited routing: with n_group = ep each group is one rank, so a token reaches <= topk_group ranks.
     if ep > 1:
         fan_out = [r["routing_ranks_per_token"] for r in records]
@@ -74,23 +41,23 @@ def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, reference
 
 
 def test_capacity_factor_drops_and_reports_copies(tmp_path):
-    records = _train(tmp_path, 2, "parallel.ep=2", "parallel.capacity_factor=0.5", "train.steps=1")
+    records = train_layout(tmp_path, 2, "parallel.ep=2", "parallel.capacity_factor=0.5", "train.steps=1")
     # At most half of T*K/E copies per expert and rank fit: at least half of all copies are dropped.
     assert 0.5 <= records[0]["dropped_fraction"] < 1.0, records[0]
     assert all(k in records[0] for k in KEYS)
 
 
-def test_ep2_dp4_checkpoint_resumes_at_other_layouts(tmp_path, reference):
-    ref_dir, ref = reference
+def test_ep2_dp4_checkpoint_resumes_at_other_layouts(tmp_path, fp32_reference):
+    ref_dir, ref = fp32_reference
     run = tmp_path / "ep2dp4"
-    _assert_close_records(_train(run, 4, "parallel.ep=2"), ref)
-    _assert_same_model(run, ref_dir)
+    assert_close_records(train_layout(run, 4, "parallel.ep=2"), ref)
+    assert_same_model(run, ref_dir)
     step2 = run / "checkpoints" / "step_00000002"
     for nproc, ep in ((1, 1), (4, 4)):
         resumed = tmp_path / f"resumed_ep{ep}"
-        records = _train(resumed, nproc, f"parallel.ep={ep}", f"checkpoint.resume={step2}")
-        _assert_close_records(records, ref[2:])  # step 3 continues the uninterrupted run
-        _assert_same_model(resumed, ref_dir)
+        records = train_layout(resumed, nproc, f"parallel.ep={ep}", f"checkpoint.resume={step2}")
+        assert_close_records(records, ref[2:])  # step 3 continues the uninterrupted run
+        assert_same_model(resumed, ref_dir)
         shutil.rmtree(resumed)
 
 

@@ -2,7 +2,7 @@
 
 Every layout trains the tiny model (4 blocks, 8 experts, MTP) for 3 optimizer steps on the same global batch
 (4 micro-batches of 4 per step at dp 1) and validates after step 3: losses, gradient norms, validation loss,
-every parameter and every router bias must equal one process's (fp32, 1e-5 relative). Checkpoints reshard
+every parameter and every router bias must equal one process's (fp32, tests/layouts.py's bounds). Checkpoints reshard
 between pp = 2 x dp = 2 and one process both ways, and a pp = 2 checkpoint exports to the same HF weights.
 """
 
@@ -17,8 +17,7 @@ from moetrain.config import compose, to_job_config
 from moetrain.hf import from_hf_pretrained
 from moetrain.model import ConfigError
 from moetrain.parallel.pipeline_layout import SCHEDULES, balanced_layout, resolve_layout, stage_ranks
-from test_expert_parallel import _assert_close_records, _assert_same_model
-from test_expert_parallel import _train as _train_ep
+from layouts import assert_close_records, assert_same_model, train_layout, train_reference
 
 VAL = ["train.val_interval=3", "train.val_batches=2"]
 # MTP depth 2 and document masking: the last stage's MTP modules need the tokens and the masks of its inputs.
@@ -26,21 +25,21 @@ DEEP = ["model.n_mtp_layers=2", "data.document_mask=true"]
 
 
 def _train(run_dir, nproc, *overrides):
-    return _train_ep(run_dir, nproc, *VAL, *overrides)
+    return train_layout(run_dir, nproc, *VAL, *overrides)
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     """One process, MTP depth 1."""
     run = tmp_path_factory.mktemp("ref")
-    return run, _train(run, 1)
+    return run, train_reference(run, *VAL)
 
 
 @pytest.fixture(scope="module")
 def ref_deep(tmp_path_factory):
     """One process, MTP depth 2 with document masking."""
     run = tmp_path_factory.mktemp("ref_deep")
-    return run, _train(run, 1, *DEEP)
+    return run, train_reference(run, *VAL, *DEEP)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +52,8 @@ def ref_deep_dp2(tmp_path_factory):
 def _check_pipeline_run(run_dir, records, reference, pp, dp=1):
     ref_dir, want = reference
     assert "val_loss" in want[-1]  # the last step validated (MaxVio compared for every layer of every stage)
-    _assert_close_records(records, want, val=dp == 1)
-    _assert_same_model(run_dir, ref_dir)
+    assert_close_records(records, want, val=dp == 1)
+    assert_same_model(run_dir, ref_dir)
     # Every pp rank waits for its neighbours at some point and computes at others: strictly between 0 and 1.
     assert all(len(r["pipeline_bubble_per_rank"]) == pp for r in records)
     assert all(0.0 < b < 1.0 for r in records for b in r["pipeline_bubble_per_rank"]), records
@@ -101,8 +100,8 @@ def test_checkpoints_reshard_between_pp2_dp2_and_one_process(tmp_path, ref):
         step2 = source / "checkpoints" / "step_00000002"
         records = _train(resumed, nproc, f"parallel.pp={pp}", f"checkpoint.resume={step2}")
         assert "val_loss" in want[-1]
-        _assert_close_records(records, want[2:])
-        _assert_same_model(resumed, ref_dir)
+        assert_close_records(records, want[2:])
+        assert_same_model(resumed, ref_dir)
         shutil.rmtree(resumed)
     # The HF export of the pp = 2 checkpoint (its embedding saved once, though two stages hold it) gives the same
     # logits as the single-process one's.

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from conftest import metrics_records
+from layouts import MAX_RESTARTS
 from test_launch import SMALL, _fake_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +209,7 @@ def shell(tmp_path_factory):
         command = f"{_stand_ins(line)} {HOW[line].extra}".strip() + after
         path = f"{bin_dir}:{env['PATH']}" if env else f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
         proc = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=300,
-                              env={**(env or os.environ), "PATH": path})
+                              env={"MOETRAIN_MAX_RESTARTS": MAX_RESTARTS, **(env or os.environ), "PATH": path})
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         return proc
 
@@ -253,7 +254,7 @@ def test_completion_as_printed(shell, tmp_path):
 
 def test_cpu_layouts_as_printed(shell, tmp_path):
     """ep=2 and pp=2 (DualPipeV) train the same global batches: the same numbers, as one process would."""
-    from test_expert_parallel import _assert_close_records
+    from layouts import assert_close_records
 
     for name, words in (("ep2", ("parallel.ep=2",)), ("pp2", ("DualPipeV",))):
         shell(tmp_path, _line("test_cpu_layouts_as_printed", *words))
@@ -261,7 +262,7 @@ def test_cpu_layouts_as_printed(shell, tmp_path):
         assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], name
     assert "(ep 2)" in (tmp_path / "runs" / "ep2" / "train.log").read_text()
     assert "2 pipeline ranks (DualPipeV" in (tmp_path / "runs" / "pp2" / "train.log").read_text()
-    _assert_close_records(metrics_records(tmp_path / "runs" / "pp2"), metrics_records(tmp_path / "runs" / "ep2"))
+    assert_close_records(metrics_records(tmp_path / "runs" / "pp2"), metrics_records(tmp_path / "runs" / "ep2"))
 
 
 def test_native_fp8_as_printed(shell, tmp_path):
