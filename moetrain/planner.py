@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
 import sys
 from dataclasses import dataclass, replace
 
@@ -247,12 +246,11 @@ def _apply(job: JobConfig, overrides: dict) -> JobConfig:
 
 
 def _with_batch(job: JobConfig, gpus: int) -> JobConfig:
-    """grad_accum_steps follows the layout (it is resolved from the original one), derived as the config does."""
-    from moetrain.config import _div_exact
+    """The job checked for ``gpus`` ranks, grad_accum_steps derived anew for its layout."""
+    from moetrain.config import validate_job
 
-    t = job.train
-    t.grad_accum_steps = _div_exact(t.global_batch_size, t.micro_batch_size * job.parallel.data_parallel_size(gpus))
-    return job.validate(gpus)
+    job.train.grad_accum_steps = None
+    return validate_job(job, gpus)
 
 
 def suggest(job: JobConfig, gpus: int, memory_gb: float) -> dict | None:
@@ -350,13 +348,12 @@ def main(argv: list[str]) -> int:
     try:
         cfg = compose(overrides)
         gpus = cfg.plan.gpus or (cfg.parallel.dp * cfg.parallel.pp if cfg.parallel.dp != -1 else 1)
-        os.environ["WORLD_SIZE"] = str(gpus)  # the layout is checked as `moetrain train` would on that many ranks
-        job = to_job_config(cfg)
+        job = to_job_config(cfg, gpus)  # the layout checked as `moetrain train` would on that many ranks
         plan = make_plan(job, gpus)
     except Exception as e:
-        from moetrain.train import _user_error
+        from moetrain.errors import user_error
 
-        status, message = _user_error(e, composing=True)
+        status, message = user_error(e, composing=True)
         if status is None:
             raise
         print(f"moetrain: error: {message}", file=sys.stderr)

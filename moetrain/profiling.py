@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from moetrain._compat import dump_cuda_memory_snapshot, record_cuda_memory_history
 from moetrain.config import ProfileConfig
 
 
@@ -30,7 +31,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         if self.memory:
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
+            record_cuda_memory_history(True)
         self._prof = torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True)
         self._prof.__enter__()
 
@@ -43,8 +44,8 @@ class StepProfiler:
         self._prof.export_chrome_trace(str(self.path) + ".json")
         self._prof = None
         if self.memory:
-            torch.cuda.memory._dump_snapshot(str(self.path) + ".pickle")
-            torch.cuda.memory._record_memory_history(enabled=None)
+            dump_cuda_memory_snapshot(str(self.path) + ".pickle")
+            record_cuda_memory_history(False)
         return str(self.path) + ".json"
 
     def close(self) -> None:

@@ -127,3 +127,57 @@ class RankLog:
         warnings.showwarning = self._show
         self.logger.removeHandler(self.handler)
         self.handler.close()
+
+
+class RunDirOwner:
+    """This job's hold on run.dir across its ranks: rank 0 takes the lock before anything is written and every
+    rank learns whether it did; the resolved config is written only once training starts, so a refused or failed
+    run overwrites nothing; a run that created run.dir and never started removes it again."""
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, device, log):
+        self.run_dir, self.is_main = Path(run_dir), rank == 0
+        self._created = self.is_main and not self.run_dir.exists()
+        self.started = False
+        self.rank_log = RankLog(self.run_dir, rank)  # run.dir/logs/rank_<r>.log, written when needed
+        self._lock = self._acquire(world_size, device, log)
+
+    def _acquire(self, world_size: int, device, log) -> RunDirLock | None:
+        lock, refusal = None, None
+        if self.is_main:
+            try:
+                lock = RunDirLock(self.run_dir).acquire()
+            except RunDirLocked as e:
+                refusal = e
+        if world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor(float(refusal is not None), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and refusal is None:
+                refusal = RunDirLocked(f"run.dir {self.run_dir} is in use by another run (see rank 0)")
+        if refusal is not None:
+            raise refusal
+        if lock is not None and lock.stale_holder:
+            holder = lock.stale_holder
+            log(f"run.dir: taking over from a run that ended without releasing it (host {holder.get('host')}, "
+                f"pid {holder.get('pid')})")
+        return lock
+
+    def start(self, config_yaml: str) -> None:
+        """The run is accepted: record its resolved config (atomically)."""
+        if self.is_main and not self.started:
+            tmp = self.run_dir / "config.yaml.tmp"
+            tmp.write_text(config_yaml)
+            os.replace(tmp, self.run_dir / "config.yaml")
+        self.started = True
+
+    def release(self) -> None:
+        """Release run.dir; if this run created it and never started, remove it."""
+        self.rank_log.close()
+        if self._created and not self.started:  # still locked: no other run can have taken it over
+            import shutil
+
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.release()

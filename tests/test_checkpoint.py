@@ -80,14 +80,14 @@ def _wait_for(predicate, proc, timeout=120):
 
 
 def test_kill9_mid_run_then_resume_matches_uninterrupted(tmp_path):
-    ref = _cli(tmp_path / "ref", "train.steps=60", "checkpoint.interval=5")
+    ref = _cli(tmp_path / "ref", "train.steps=24", "checkpoint.interval=4")
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
-    proc = _cli(tmp_path / "run", "train.steps=60", "checkpoint.interval=5", wait=False)
-    _wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE").exists(), proc)
+    proc = _cli(tmp_path / "run", "train.steps=24", "checkpoint.interval=4", wait=False)
+    _wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000008" / "COMPLETE").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    again = _cli(tmp_path / "run", "train.steps=60", "checkpoint.interval=5")
+    again = _cli(tmp_path / "run", "train.steps=24", "checkpoint.interval=4")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout
     _assert_same(_final_weights(tmp_path / "ref"), _final_weights(tmp_path / "run"))

@@ -57,6 +57,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from moetrain.checkpoint.integrity import (COMPLETE, CONFIG, METADATA, TRAINER_STATE, checksum_files, read_marker,
                                            read_trainer_state, verify_complete, write_complete_marker)
 from moetrain.checkpoint.safe_reader import CheckpointError, find_exception, load_state, safe_reader
+from moetrain.parallel.mesh import local_tensor
 
 __all__ = ["COMPLETE", "TRAINER_STATE", "CheckpointError", "CheckpointManager", "list_checkpoints",
            "load_model_weights", "resolve_checkpoint", "safe_reader", "save_model_checkpoint", "verify_complete",
@@ -423,7 +424,7 @@ def _first_non_finite(model, optimizer) -> str | None:
     for p, st in optimizer.state.items():
         named += [(f"optimizer state {k} of {param_names.get(id(p), '?')}", v) for k, v in st.items()
                   if isinstance(v, torch.Tensor)]
-    named = [(n, _local(t)) for n, t in named]
+    named = [(n, local_tensor(t)) for n, t in named]
     named = [(n, t) for n, t in named if (t.is_floating_point() or t.is_complex()) and t.numel()]
     if not named:
         return None
@@ -445,10 +446,6 @@ def _optimizer_tensors(optim_sd: dict) -> dict:
         return {"state": optim_sd["state"]}
     return {k: v for k, v in optim_sd.items() if k.startswith("state.")}
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (no collective), else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

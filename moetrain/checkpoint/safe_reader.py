@@ -23,10 +23,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
+
+from moetrain._compat import dcp_set_element
 
 
 class CheckpointError(RuntimeError):
@@ -119,7 +120,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             raise CheckpointError(f"checkpoint {self.where}: refusing item {key!r}: a {type(obj).__name__}, "
                                   "not a plain value")
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[key], obj)
+            dcp_set_element(self.original_state_dict, self.mappings[key], obj)  # as DefaultLoadPlanner.load_bytes
         else:
             self.state_dict[key] = obj
 

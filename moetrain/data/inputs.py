@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMATS = ("json", "parquet", "text")
 _SUFFIX_FORMATS = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text", "text": "text"}
 _UTF8_BOM = b"\xef\xbb\xbf"
 

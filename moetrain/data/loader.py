@@ -174,14 +174,7 @@ class DataLoader:
 
     def _read(self, start: int, global_batch: int) -> list[Batch]:
         per_rank = global_batch // self.dp_size
-        src, sample = self.blend.lookup_many(start + self.dp_rank * per_rank, per_rank)
-        if len(self.sources) == 1:
-            rows = self.sources[0].rows(sample)
-        else:
-            rows = np.empty((per_rank, self.sources[0].seq_len + 1), dtype=np.int64)  # sources may differ in dtype
-            for s in _distinct(src):
-                rows[src == s] = self.sources[s].rows(sample[src == s])
-        return [make_batch(rows[i:i + self.micro], self.eos_id) for i in range(0, per_rank, self.micro)]
+        return read_batches(self.sources, self.blend, start + self.dp_rank * per_rank, per_rank, self.micro)
 
     def next_step(self, global_batch: int) -> list[Batch]:
         """This rank's micro-batches of the next optimizer step of ``global_batch`` sequences."""
@@ -208,6 +201,19 @@ class DataLoader:
             raise ValueError(f"data.paths/data.weights: the checkpoint's blend {state['blend']} differs from "
                              f"this run's {self.blend_id}")
         self.consumed, self._ahead = int(state["consumed"]), None
+
+
+def read_batches(sources: list[PackedSamples], blend: Blend, start: int, count: int, micro: int) -> list[Batch]:
+    """The ``count`` samples of ``blend`` from position ``start`` (rows of its sources, in blend order), as
+    micro-batches of ``micro``."""
+    src, sample = blend.lookup_many(start, count)
+    if len(sources) == 1:
+        rows = sources[0].rows(sample)
+    else:
+        rows = np.empty((count, sources[0].seq_len + 1), dtype=np.int64)  # sources may differ in dtype
+        for s in _distinct(src):
+            rows[src == s] = sources[s].rows(sample[src == s])
+    return [make_batch(rows[i:i + micro], sources[0].eos_id) for i in range(0, count, micro)]
 
 
 def _distinct(values: np.ndarray) -> list[int]:

@@ -16,7 +16,6 @@ import torch
 class DispatchContext:
     order_N: torch.Tensor  # position in the flat [T*K] routing list of each sorted copy
     topk_weight_TK: torch.Tensor
-    n_tokens: int
 
 
 class LocalDispatcher:
@@ -35,7 +34,7 @@ class LocalDispatcher:
         order_N = torch.argsort(flat_idx_N, stable=True)
         counts_E = torch.bincount(flat_idx_N, minlength=self.n_experts)
         tokens_ND = x_TD[order_N // K]
-        return tokens_ND, counts_E, DispatchContext(order_N, topk_weight_TK, x_TD.shape[0])
+        return tokens_ND, counts_E, DispatchContext(order_N, topk_weight_TK)
 
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         T, K = ctx.topk_weight_TK.shape

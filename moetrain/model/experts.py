@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain._compat import grouped_mm, has_grouped_mm
+from moetrain.model.layers import uninitialised
+
 # torch._grouped_mm wants 16-byte aligned row strides and fp32/bf16/fp16 operands.
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GROUPED_MM_ALIGN_BYTES = 16
 
 
 def grouped_mm_supported(x_ND: torch.Tensor, w_EOI: torch.Tensor) -> bool:
-    if x_ND.dtype not in _GROUPED_MM_DTYPES or w_EOI.dtype != x_ND.dtype or not hasattr(torch, "_grouped_mm"):
+    if x_ND.dtype not in _GROUPED_MM_DTYPES or w_EOI.dtype != x_ND.dtype or not has_grouped_mm():
         return False
     return all((n * x_ND.element_size()) % _GROUPED_MM_ALIGN_BYTES == 0 for n in w_EOI.shape[1:])
 
@@ -34,8 +37,7 @@ class GroupedExperts(nn.Module):
     @classmethod
     def sharing(cls, experts: "GroupedExperts") -> "GroupedExperts":
         """A ``cls`` (an FP8 provider's subclass) holding ``experts``' own Parameters: same names, shapes, values."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
+        new = uninitialised(cls)
         new.n_experts, new.use_grouped_mm = experts.n_experts, experts.use_grouped_mm
         new.w1, new.w3, new.w2 = experts.w1, experts.w3, experts.w2
         return new
@@ -57,7 +59,7 @@ class GroupedExperts(nn.Module):
         if self.use_grouped_mm and grouped_mm_supported(x_NI, w_EOI):
             offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
             if x_NI.dtype == torch.bfloat16:
-                return torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offs)
+                return grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs)
             return _grouped_mm_eager(x_NI, w_EOI.transpose(-2, -1), offs)
         return expert_loop_mm(x_NI, w_EOI, counts_E)
 
@@ -65,7 +67,7 @@ class GroupedExperts(nn.Module):
 @torch.compiler.disable
 def _grouped_mm_eager(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     # NOTE: eager kernels take fp32 (CPU), but the compiler's shape rules accept only bf16; keep fp32 out of graphs.
-    return torch._grouped_mm(x_NI, w_EIO, offs=offs)
+    return grouped_mm(x_NI, w_EIO, offs)
 
 
 def expert_loop_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -83,3 +83,11 @@ class MLP(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))
+
+
+def uninitialised(cls: type[nn.Module]) -> nn.Module:
+    """A ``cls`` with nn.Module's state but without ``cls.__init__``: for modules made to share another module's
+    parameters (an FP8 swap, a pipeline stage), which set their attributes themselves."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    return new

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain._compat import register_pytree_dataclass
 from moetrain.model.config import ModelConfig
-from moetrain.model.layers import MLP, RMSNorm, recomputed
+from moetrain.model.layers import MLP, RMSNorm, recomputed, uninitialised
 from moetrain.model.mla import MLA, document_causal_mask
 from moetrain.model.moe import MoE
 from moetrain.model.rope import precompute_freqs_cis
@@ -90,7 +91,7 @@ class LMOutput:
 
 
 # A pytree node, so that wrappers (FSDP2, torch.compile) see the tensors inside the output.
-torch.utils._pytree.register_dataclass(LMOutput)
+register_pytree_dataclass(LMOutput)
 
 
 def lm_output(logits: tuple[torch.Tensor, ...] | list[torch.Tensor], labels_BT: torch.Tensor) -> LMOutput:
@@ -123,8 +124,7 @@ class Transformer(nn.Module):
     def stage(self, layer_ids: list[int], first: bool, last: bool, embed: nn.Embedding | None) -> "Transformer":
         """A pipeline stage sharing this model's modules: blocks ``layer_ids``, ``embed`` (the first stage's input
         embedding, or the last stage's for MTP), and on the last stage the norm, head and MTP modules."""
-        stage = Transformer.__new__(Transformer)
-        nn.Module.__init__(stage)
+        stage = uninitialised(Transformer)
         stage.cfg = self.cfg
         stage.is_first, stage.is_last, stage.is_stage = first, last, True
         if embed is not None:

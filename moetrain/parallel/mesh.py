@@ -9,13 +9,17 @@ over comes from here; nothing reduces over the whole world by default.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moetrain.config import ParallelConfig
+from moetrain._compat import flatten_mesh
+
+if TYPE_CHECKING:  # the config layer sits above parallel/: no import at run time
+    from moetrain.config import ParallelConfig
 
 MESH_DIMS = ("pp", "edp", "ep")
 
@@ -49,12 +53,9 @@ class ParallelMesh:
 
 
 def build_mesh(parallel_cfg: ParallelConfig, world_size: int, device_type: str) -> ParallelMesh:
-    """Build the mesh once, over the process group that :func:`moetrain.parallel.dist.init_distributed` started.
-
-    Checks the layout first (:meth:`ParallelConfig.check_layout`), but not what the trainer supports: a mesh
-    with pp > 1 or ep > 1 can be built before the trainer runs one.
-    """
-    parallel_cfg.check_layout(world_size)
+    """Build the mesh once, over the process group that :func:`moetrain.parallel.dist.init_distributed` started,
+    for a layout already checked against ``world_size`` (:func:`moetrain.config.checks.check_layout`, when the
+    config was composed)."""
     pp, dp, ep = parallel_cfg.pp, parallel_cfg.data_parallel_size(world_size), parallel_cfg.ep
     if world_size == 1:
         return ParallelMesh(None, None, 1, 1, 1, 1, 0, 0, 0, 0, None, None, None, None)
@@ -64,7 +65,7 @@ def build_mesh(parallel_cfg: ParallelConfig, world_size: int, device_type: str) 
     # NOTE: init_device_mesh reuses the default process group (nccl on CUDA, gloo on CPU, as dist.py chose).
     mesh = init_device_mesh(device_type, (pp, dp // ep, ep), mesh_dim_names=MESH_DIMS)
     # NOTE: DeviceMesh has no public flatten in torch 2.13; _flatten is what torchtitan uses for its "dp" dims.
-    dp_mesh = mesh["edp", "ep"]._flatten("dp")
+    dp_mesh = flatten_mesh(mesh["edp", "ep"], "dp")
     return ParallelMesh(
         device_mesh=mesh, dp_mesh=dp_mesh, pp=pp, dp=dp, edp=dp // ep, ep=ep,
         pp_rank=mesh.get_local_rank("pp"), dp_rank=dp_mesh.get_local_rank(),
@@ -79,3 +80,8 @@ def all_reduce_sum(t: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2, expert parallelism); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -26,9 +26,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
+from moetrain._compat import PIPELINE_SHAPE_INFERENCE, require_methods
 from moetrain.model.layers import replaying
 from moetrain.model.transformer import Transformer
-from moetrain.parallel.mesh import ParallelMesh
+from moetrain.parallel.mesh import ParallelMesh, local_tensor
 from moetrain.parallel.pipeline_layout import ScheduleSpec, stage_ranks
 
 
@@ -55,6 +56,9 @@ def split_stages(model: Transformer, layout: list[list[int]], stage_ids: list[in
         model.mtp = nn.ModuleDict()
     model.is_first, model.is_last = owns_first, owns_last
     return model, stages
+
+
+require_methods(PipelineStage, PIPELINE_SHAPE_INFERENCE)
 
 
 class _TimedStage(PipelineStage):
@@ -227,18 +231,18 @@ class Pipeline:
         first, copy_ = self._embeddings()
         if first is not None and copy_ is not None:  # V-shaped: both here
             if copy_.grad is not None:
-                _local(first.grad).add_(_local(copy_.grad))
+                local_tensor(first.grad).add_(local_tensor(copy_.grad))
             copy_.grad = None  # outside the optimizer: it takes first's values after the step
         elif first is not None or copy_ is not None:
             g = (first if first is not None else copy_).grad
-            dist.all_reduce(_local(g), group=self.embed_group)
+            dist.all_reduce(local_tensor(g), group=self.embed_group)
 
     @torch.no_grad()
     def after_step(self) -> None:
         """V-shaped: the copy takes the embedding's updated values."""
         first, copy_ = self._embeddings()
         if first is not None and copy_ is not None and first is not copy_:
-            _local(copy_).copy_(_local(first))
+            local_tensor(copy_).copy_(local_tensor(first))
 
     def norm_excluded(self) -> set[int]:
         """ids of parameters the gradient norm must not count (the embedding copy counts once, on its first stage)."""
@@ -252,13 +256,13 @@ class Pipeline:
             return
         first, copy_ = self._embeddings()
         if first is not None and copy_ is not None:
-            a, b = _local(first).double(), _local(copy_).double()
+            a, b = local_tensor(first).double(), local_tensor(copy_).double()
             if not torch.equal(a, b):
                 raise RuntimeError("pipeline: the last stage's copy of the embedding differs from the embedding")
             return
         if first is None and copy_ is None:
             return
-        w = _local(first if first is not None else copy_).double()
+        w = local_tensor(first if first is not None else copy_).double()
         mine = torch.stack([w.sum(), w.square().sum()])
         both = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(both, mine, group=self.embed_group)
@@ -281,9 +285,6 @@ def _multi(cls) -> bool:
 
     return issubclass(cls, PipelineScheduleMulti)
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _embedding_group(mesh: ParallelMesh, ranks: list[int]):

@@ -1,7 +1,8 @@
 """Data-parallel strategies behind one small interface, so the training loop is the same for each.
 
 ``parallel.dp_strategy``: ``fsdp`` (FSDP2, the default), ``ddp`` (DistributedDataParallel), ``deepspeed`` (ZeRO-1/2,
-:mod:`moetrain.parallel.zero`, importing deepspeed only when chosen). The contract every strategy keeps (DESIGN.md, "one gradient
+:mod:`moetrain.parallel.zero`, importing deepspeed only when chosen; built by
+:func:`moetrain.parallel.parallelize.build_strategy`). The contract every strategy keeps (DESIGN.md, "one gradient
 convention"): the loss handed to :meth:`backward` is this rank's share of a global sum over the global
 target-token count, and after it each gradient is the SUM over the ranks that hold the same parameter: dense ones
 over all data-parallel ranks, experts (already gathered from every ep rank by the all-to-all backward) over the
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moetrain._compat import ddp_ignore
 from moetrain.parallel.data_parallel import apply_fsdp, clip_grad_norm
 from moetrain.parallel.mesh import ParallelMesh, all_reduce_sum
 
@@ -104,7 +106,7 @@ class DDPStrategy(DataParallelStrategy):
         from torch.nn.parallel import DistributedDataParallel
 
         experts = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
+        ddp_ignore(model, experts)
         ddp = DistributedDataParallel(model, process_group=self.mesh.dp_group, broadcast_buffers=False)
         ddp.register_comm_hook(self.mesh.dp_group, _sum_hook)
         return ddp, make_optimizer(model)
@@ -132,15 +134,3 @@ def _sum_hook(group, bucket):
     """
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
-
-
-def build_strategy(name: str, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32,
-                   deepspeed_config: dict | None = None) -> DataParallelStrategy:
-    """``param_dtype``: what FSDP gathers parameters in for compute; ``deepspeed_config``: for ``deepspeed`` only
-    (:func:`moetrain.parallel.zero.deepspeed_config`)."""
-    if name == "deepspeed":
-        from moetrain.parallel.zero import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(mesh, deepspeed_config)
-    strategies = {"fsdp": FSDPStrategy, "ddp": DDPStrategy}
-    return strategies[name](mesh, param_dtype)

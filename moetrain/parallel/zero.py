@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from moetrain.model.moe import MoE
-from moetrain.parallel.mesh import ParallelMesh
+from moetrain.parallel.mesh import ParallelMesh, local_tensor
 from moetrain.parallel.strategy import DataParallelStrategy
 
 # NOTE: DeepSpeed prints a progress line every steps_per_print steps; moetrain's metrics log instead.
@@ -230,7 +230,7 @@ class DeepSpeedStrategy(DataParallelStrategy):
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in model_sd.items():
-                value = self._block(name, _local(value))
+                value = self._block(name, local_tensor(value))
                 if name in params:
                     params[name].copy_(value)
                     safe_set_full_fp32_param(params[name], value.float())
@@ -242,7 +242,7 @@ class DeepSpeedStrategy(DataParallelStrategy):
             for name, p in params.items():
                 saved = optim_sd["state"][name]
                 for key in _ADAM_STATES:
-                    safe_set_full_optimizer_state(p, _local(saved[key]).float(), key)
+                    safe_set_full_optimizer_state(p, local_tensor(saved[key]).float(), key)
                 for step in steps:
                     step.fill_(float(saved["step"]))
             hyper = optim_sd["param_groups"][0]
@@ -282,9 +282,6 @@ class DeepSpeedStrategy(DataParallelStrategy):
         _link_adam_state(optimizer)
         return steps
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _link_adam_state(opt) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.model.experts import GroupedExperts
+from moetrain.model.layers import uninitialised
 from moetrain.precision.blockwise import fake_quantize_blocks, fake_quantize_tensor, fake_quantize_tiles
 
 
@@ -88,8 +89,7 @@ class FP8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantizers: Quantizers) -> "FP8Linear":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
+        new = uninitialised(cls)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias  # the same Parameters: names, shapes, init
         new.quantizers = quantizers

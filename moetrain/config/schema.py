@@ -1,21 +1,13 @@
-"""The job config: one dataclass per Hydra group, registered in the ConfigStore, validated at composition.
+"""The job config's schema: one dataclass per Hydra group (conf/ mirrors it), each checking its own values.
 
-Hydra merges ``conf/config.yaml`` and the chosen group files onto :class:`JobConfig`, so an unknown key or a
-value of the wrong type fails before anything starts; :func:`to_job_config` then checks values per group and
-raises :class:`ConfigError` naming the override to change.
+What spans groups (the layout against the world size, the pipeline, batch arithmetic, FP8 combinations) is
+checked once, in :mod:`moetrain.config.checks`; composition and resolvers are :mod:`moetrain.config.hydra`'s.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-import time
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional, get_type_hints
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from moetrain.model.config import ConfigError, ModelConfig, require
 
@@ -58,11 +50,8 @@ ZERO_STAGES = (1, 2)  # ZeRO-3 shards parameters, which is what dp_strategy=fsdp
 
 @dataclass
 class ParallelConfig:
-    """The layout of the job: world = pp x dp, and the dp data ranks = edp x ep (ep innermost, contiguous ranks).
-
-    :meth:`check_layout` refuses what can never work (it runs first, and :func:`build_mesh` reuses it);
-    :meth:`check_supported` refuses what the trainer does not implement yet.
-    """
+    """The layout of the job: world = pp x dp, and the dp data ranks = edp x ep (ep innermost, contiguous ranks);
+    checked against the world size by :func:`moetrain.config.checks.check_layout`."""
 
     dp: int = -1  # data-parallel ranks (each sees its own micro-batches); -1 = world size / pp
     pp: int = 1  # pipeline stages; the outermost mesh dimension
@@ -78,72 +67,6 @@ class ParallelConfig:
     pp_chunks: int = 0  # stages per pp rank; 0 = the schedule's (2 for Interleaved1F1B and the V-shaped ones)
     # Blocks per stage ([3, 1]) or each stage's layer ids ([[0, 1, 2], [3]]); null = balanced by estimated cost.
     pp_layout: Optional[list[Any]] = None
-
-    def validate(self, world_size: int, n_routed_experts: int | None = None, prefix: str = "parallel") -> None:
-        self.check_layout(world_size, n_routed_experts, prefix)
-        self.check_supported(prefix)
-
-    def check_layout(self, world_size: int, n_routed_experts: int | None = None, prefix: str = "parallel") -> None:
-        """Refuse a layout that no trainer could run, with the arithmetic (needs no process group)."""
-        require(self.pp >= 1, f"{prefix}.pp", f"must be >= 1, got {self.pp}")
-        require(self.ep >= 1, f"{prefix}.ep", f"must be >= 1, got {self.ep}")
-        require(self.dp == -1 or self.dp >= 1, f"{prefix}.dp", f"must be >= 1 or -1 (all ranks / pp), got {self.dp}")
-        if self.dp == -1:
-            require(world_size % self.pp == 0, f"{prefix}.pp",
-                     f"the world size {world_size} is not divisible by pp={self.pp} "
-                     f"({world_size} % {self.pp} = {world_size % self.pp})")
-        else:
-            require(self.dp * self.pp == world_size, f"{prefix}.dp",
-                     f"dp * pp = {self.dp} * {self.pp} = {self.dp * self.pp} must equal the world size {world_size} "
-                     "(or set parallel.dp=-1)")
-        dp = self.data_parallel_size(world_size)
-        require(dp % self.ep == 0, f"{prefix}.ep",
-                 f"ep={self.ep} does not divide the data-parallel size dp={dp} "
-                 f"(= world size {world_size} / pp {self.pp})")
-        if n_routed_experts is not None:
-            require(n_routed_experts % self.ep == 0, "model.moe.n_routed_experts",
-                     f"{n_routed_experts} experts cannot be split over ep={self.ep} ranks "
-                     f"({n_routed_experts} % {self.ep} = {n_routed_experts % self.ep})")
-        self._check_strategy(prefix)
-
-    def _check_strategy(self, prefix: str) -> None:
-        require(self.dp_strategy in DP_STRATEGIES, f"{prefix}.dp_strategy",
-                 f"must be one of {', '.join(DP_STRATEGIES)}, got {self.dp_strategy!r}")
-        require(self.zero_stage in ZERO_STAGES, f"{prefix}.zero_stage",
-                 f"must be 1 or 2, got {self.zero_stage} (for ZeRO-3 sharding use parallel.dp_strategy=fsdp)")
-        require(self.capacity_factor is None or self.capacity_factor > 0, f"{prefix}.capacity_factor",
-                 f"must be > 0, or null for dropless routing, got {self.capacity_factor}")
-        require(not self.offload_optimizer or self.dp_strategy == "deepspeed", f"{prefix}.offload_optimizer",
-                 f"only dp_strategy=deepspeed offloads the optimizer, got dp_strategy={self.dp_strategy}")
-        # NOTE: DeepSpeed pipelines only its own PipelineModule engine; moetrain's stages run
-        # torch.distributed.pipelining schedules, which a DeepSpeed ZeRO engine cannot drive.
-        require(self.dp_strategy != "deepspeed" or self.pp == 1, f"{prefix}.dp_strategy",
-                 f"deepspeed cannot run with pp={self.pp}: DeepSpeed's engine does not drive "
-                 "torch.distributed.pipelining stages; use parallel.dp_strategy=fsdp or parallel.pp=1")
-
-    def check_supported(self, prefix: str = "parallel") -> None:
-        """Refuse what the trainer does not implement yet (valid layouts the mesh can already be built for)."""
-        require(self.dp_strategy != "ddp" or self.pp == 1, f"{prefix}.dp_strategy",
-                 f"ddp is not combined with pipeline stages (pp={self.pp}); use parallel.dp_strategy=fsdp")
-
-    def check_pipeline(self, model: ModelConfig, train: "TrainConfig", world_size: int) -> None:
-        """The schedule, stages per rank, layout and micro-batch count, checked before any process starts."""
-        from moetrain.parallel.pipeline_layout import chunks_per_rank, resolve_layout, schedule_spec
-
-        spec = schedule_spec(self.pp_schedule)
-        if self.pp == 1:
-            require(self.pp_layout is None, "parallel.pp_layout", "is for pipeline stages; it needs parallel.pp > 1")
-            return
-        chunks = chunks_per_rank(spec, self.pp_chunks)
-        resolve_layout(model, self.pp * chunks, self.pp_layout, train.seq_len)
-        unit = train.micro_batch_size * self.data_parallel_size(world_size)
-        spec.check_microbatches(train.global_batch_size // unit, self.pp, chunks, "train.global_batch_size")
-        if train.batch_ramp_start:  # the ramp steps through every multiple of micro_batch_size * dp
-            for m in range(train.batch_ramp_start // unit, train.global_batch_size // unit):
-                spec.check_microbatches(m, self.pp, chunks, "train.batch_ramp_start")
-        require(not (train.compile and spec.name in ("ZBVZeroBubble", "DualPipeV")), "train.compile",
-                f"{spec.name} splits backward into input and weight passes, which torch does not run through "
-                "compiled blocks; use train.compile=false or another parallel.pp_schedule")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.pp if self.dp == -1 else self.dp
@@ -234,7 +157,8 @@ class TrainConfig:
     seq_len: int = 256
     global_batch_size: int = 32  # sequences per optimizer step (at the end of the ramp)
     micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
-    grad_accum_steps: int = "${mt.div_exact:${train.global_batch_size},${mt.mul:${train.micro_batch_size},${mt.dp:}}}"  # type: ignore[assignment]
+    # Derived when the config is checked: global_batch_size / (micro_batch_size * dp); a value given must agree.
+    grad_accum_steps: Optional[int] = None
     # Batch-size ramp (V3: 3072 -> 15360 sequences over the first 469B tokens); 0 disables it.
     batch_ramp_start: int = 0
     batch_ramp_tokens: int = 0
@@ -265,6 +189,11 @@ class TrainConfig:
         unit = self.micro_batch_size * dp
         require(self.global_batch_size % unit == 0, f"{prefix}.global_batch_size",
                  f"{self.global_batch_size} is not divisible by micro_batch_size * dp = {unit}")
+        derived = self.global_batch_size // unit
+        require(self.grad_accum_steps in (None, derived), f"{prefix}.grad_accum_steps",
+                f"is derived: global_batch_size / (micro_batch_size * dp) = {derived}, got {self.grad_accum_steps}; "
+                "leave it unset")
+        self.grad_accum_steps = derived
         if self.batch_ramp_start:
             require(0 < self.batch_ramp_start <= self.global_batch_size and self.batch_ramp_start % unit == 0,
                      f"{prefix}.batch_ramp_start", f"must be in (0, global_batch_size] and divisible by {unit}")
@@ -369,167 +298,3 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)  # read by `moetrain plan` only
-
-    def validate(self, world_size: int = 1) -> "JobConfig":
-        _require_finite(self, "")
-        self.parallel.validate(world_size, self.model.moe.n_routed_experts)
-        self.model.validate("model")
-        self.data.validate()
-        self.precision.validate()
-        self.optim.validate()
-        self.train.validate(self.model, self.parallel.data_parallel_size(world_size))
-        self.parallel.check_pipeline(self.model, self.train, world_size)
-        self._check_fp8_combinations()
-        require(not self.train.val_interval or self.data.val_fraction > 0, "train.val_interval",
-                f"validation every {self.train.val_interval} steps needs held-out data, but data.val_fraction=0; "
-                "set data.val_fraction > 0 or train.val_interval=0")
-        self.checkpoint.validate()
-        self.logging.validate()
-        self.plan.validate()
-        return self
-
-
-    def _check_fp8_combinations(self) -> None:
-        """What the Transformer Engine provider is not (yet) run with: refused before launch, with the reason."""
-        if self.precision.dtype != "fp8" or self.precision.fp8.provider != "te":
-            return
-        # NOTE: torch's non-reentrant checkpoint re-runs the forward in backward outside TE's FP8 autocast.
-        require(self.train.recompute == "none", "train.recompute",
-                f"{self.train.recompute} recomputation re-runs forwards outside Transformer Engine's FP8 autocast; "
-                "use train.recompute=none with precision.fp8.provider=te, or the native provider")
-        # TE's delayed scaling must see each module once per autocast region; a pipeline step runs many.
-        require(self.precision.fp8.recipe != "delayed" or self.parallel.pp == 1, "precision.fp8.recipe",
-                f"delayed scaling is not run with pipeline stages (parallel.pp={self.parallel.pp}); use blockwise or "
-                "current")
-
-
-def _require_finite(node, prefix: str) -> None:
-    """No nan or inf anywhere in the config (``optim.lr=inf`` would train garbage without a word)."""
-    for f in fields(node):
-        value, key = getattr(node, f.name), f"{prefix}{f.name}"
-        if is_dataclass(value):
-            _require_finite(value, key + ".")
-            continue
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            require(not isinstance(v, float) or math.isfinite(v), key, f"must be a finite number, got {value}")
-
-
-# --------------------------------------------------------------------------------------------- resolvers
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-@functools.lru_cache(maxsize=None)
-def _job_id() -> str:
-    """One id per job, equal on every rank: Slurm's job id, torchrun's run id, else a timestamp (one process)."""
-    for var in ("MOETRAIN_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        value = os.environ.get(var)
-        if value and value != "none":
-            return value
-    return time.strftime("%Y%m%d-%H%M%S")
-
-
-# Overrides that continue or observe a run rather than define another: a resume with more steps, a profile of
-# some steps or another checkpoint interval keeps its run.dir.
-_NOT_IDENTITY = ("run.", "checkpoint.resume", "checkpoint.interval", "checkpoint.keep_last", "checkpoint.async_save",
-                 "checkpoint.allow_data_change", "train.steps", "train.stop_at", "train.profile", "train.val_",
-                 "train.max_nonfinite_steps", "data.prefetch", "logging.", "hydra.", "plan")
-
-
-def _run_name() -> str:
-    """``MOETRAIN_RUN_ID``, else ``default`` for a plain ``moetrain train``, else a readable prefix of the command's
-    overrides and a hash of them all (``-<task id>`` in a Slurm job array): every rank and every relaunch of the
-    same command agree. Only ``[A-Za-z0-9_.-]``, so the name can be passed back in an override."""
-    if os.environ.get("MOETRAIN_RUN_ID"):
-        return os.environ["MOETRAIN_RUN_ID"]
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    name = overrides_name(overrides) or "default"
-    array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{name}-{array_task}" if array_task else name
-
-
-def overrides_name(overrides: list[str]) -> str:
-    """A readable, path- and override-safe name for the overrides that define a run ("" for none)."""
-    import hashlib
-    import re
-
-    defining = sorted(o for o in overrides if not o.lstrip("+~").startswith(_NOT_IDENTITY))
-    if not defining:
-        return ""
-    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(o.replace("=", "-") for o in defining))[:48].strip("_")
-    return f"{slug}-{hashlib.sha1(chr(0).join(defining).encode()).hexdigest()[:8]}"
-
-
-def _div_exact(a: int, b: int) -> int:
-    if a % b:
-        raise ConfigError("train.global_batch_size",
-                          f"{a} is not divisible by micro_batch_size * data-parallel size = {b}")
-    return a // b
-
-
-def _dp_from_root(*, _root_: DictConfig) -> int:
-    return ParallelConfig(dp=_root_.parallel.dp, pp=_root_.parallel.pp).data_parallel_size(world_size())
-
-
-def register_resolvers() -> None:
-    for name, fn in (("mt.job_id", _job_id), ("mt.run_name", _run_name), ("mt.div_exact", _div_exact),
-                     ("mt.mul", lambda a, b: a * b),
-                     ("mt.dp", _dp_from_root)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn, use_cache=name == "mt.job_id")
-
-
-def register_configs() -> None:
-    """Register the schema so that conf/config.yaml's defaults list starts from it (``- job_schema``)."""
-    register_resolvers()
-    cs = ConfigStore.instance()
-    cs.store(name="job_schema", node=JobConfig)
-
-
-def to_job_config(cfg: DictConfig | dict[str, Any]) -> JobConfig:
-    """Resolve and validate a composed config; errors name the key."""
-    register_resolvers()
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(cfg)
-    _reject_unknown_keys(cfg, JobConfig, "")
-    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
-    _check_batch_layout(cfg)
-    OmegaConf.resolve(cfg)
-    job: JobConfig = OmegaConf.to_object(cfg)
-    return job.validate(world_size())
-
-
-def _check_batch_layout(cfg: DictConfig) -> None:
-    """What ``train.grad_accum_steps`` is derived from, checked first so that each error names its own key."""
-    parallel = ParallelConfig(**{f.name: cfg.parallel[f.name] for f in fields(ParallelConfig)})
-    parallel.validate(world_size(), cfg.model.moe.n_routed_experts)
-    for key in ("micro_batch_size", "global_batch_size"):
-        value = cfg.train[key]
-        require(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
-
-
-def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
-    """Hydra's ``+key=value`` opens a typed node for new keys; no key outside the schema is accepted."""
-    hints = get_type_hints(schema)
-    names = {f.name for f in fields(schema)}
-    for key in node.keys():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(full, f"unknown key; {prefix.rstrip('.') or 'the root'} has {sorted(names)}")
-        sub = hints[key]
-        if is_dataclass(sub) and isinstance(node._get_node(key), DictConfig):
-            _reject_unknown_keys(node[key], sub, full + ".")
-
-
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/config.yaml with overrides, as ``moetrain train`` does (for tests and tools)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from moetrain.resources import conf_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))

@@ -1,0 +1,73 @@
+"""Every private torch API moetrain uses, in one place, each with the torch version it was checked on.
+
+A private API may change without notice: when torch is upgraded, this file is the list to re-check (tests cover
+each use). Nothing here imports torch.distributed at module level, so the model layer may use it.
+
+Checked on torch 2.13.0 (CPU, gloo) and 2.11 (CUDA 13, the lent GPU machine's):
+- ``torch._grouped_mm``: the routed experts' grouped GEMM (fp32 eager on CPU; bf16 everywhere).
+- ``torch.utils._pytree.register_dataclass``: LMOutput as a pytree node for FSDP2 and torch.compile.
+- ``DeviceMesh._flatten``: the flattened (edp, ep) "dp" dimension (torchtitan uses it too; no public flatten).
+- ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``: expert DTensors outside DDP.
+- ``torch.distributed.checkpoint._traverse.set_element``: the safe reader's non-tensor items.
+- ``torch.cuda.memory._record_memory_history`` / ``_dump_snapshot``: train.profile.memory.
+- ``PipelineStage._prepare_forward_infra`` / ``_prepare_backward_infra``: overridden by the pipeline's timed
+  stage so that shape inference counts no tokens (:data:`PIPELINE_SHAPE_INFERENCE`, checked at import there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+PIPELINE_SHAPE_INFERENCE = ("_prepare_forward_infra", "_prepare_backward_infra")
+
+
+def has_grouped_mm() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x_NI in groups ending at ``offs`` (int32 cumulative counts), each times its w_EIO[e]."""
+    return torch._grouped_mm(x_NI, w_EIO, offs=offs)
+
+
+def register_pytree_dataclass(cls: type) -> type:
+    torch.utils._pytree.register_dataclass(cls)
+    return cls
+
+
+def flatten_mesh(mesh, name: str):
+    """One dimension spanning all of ``mesh``'s (a sub-mesh of named dimensions)."""
+    return mesh._flatten(name)
+
+
+def ddp_ignore(model: torch.nn.Module, names: list[str]) -> None:
+    """Parameters and buffers DDP neither broadcasts nor reduces (set before wrapping)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
+def dcp_set_element(state_dict: dict, path, value) -> None:
+    """Put ``value`` at a DCP object path of a (nested) state dict, as DCP's own loader does."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    set_element(state_dict, path, value)
+
+
+def record_cuda_memory_history(enabled: bool) -> None:
+    if enabled:
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
+    else:
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def dump_cuda_memory_snapshot(path: str) -> None:
+    torch.cuda.memory._dump_snapshot(path)
+
+
+def require_methods(cls: type, names: tuple[str, ...]) -> None:
+    """Fail at import, naming the method, where this torch lacks a private method moetrain overrides."""
+    missing = [n for n in names if not hasattr(cls, n)]
+    if missing:
+        raise ImportError(f"torch {torch.__version__}: {cls.__name__} has no {', '.join(missing)} (moetrain checked "
+                          "its overrides on torch 2.13; see moetrain/_compat.py)")
