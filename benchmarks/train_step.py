@@ -57,7 +57,7 @@ def main() -> None:
     o = job.optim
     opt = torch.optim.AdamW(hf.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     tokens = torch.randint(0, hf_cfg.vocab_size, (args.batch, args.seq + 1), device=device)
-    dtype = ours.compute_dtype
+    dtype = ours.precision.compute_dtype
 
     def hf_step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -10,6 +10,9 @@ Checked on torch 2.13.0 (CPU, gloo) and 2.11 (CUDA 13, the lent GPU machine's):
 - ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``: expert DTensors outside DDP.
 - ``torch.distributed.checkpoint._traverse.set_element``: the safe reader's non-tensor items.
 - ``torch.cuda.memory._record_memory_history`` / ``_dump_snapshot``: train.profile.memory.
+- ``torch._foreach_norm`` / ``torch._foreach_mul_``: the gradient clip, one kernel per list (as torch's own
+  clip_grad_norm_ and optimizers use them).
+- ``torch.utils._python_dispatch.TorchDispatchMode``: the host-sync counter (moetrain.host_syncs).
 - ``PipelineStage._prepare_forward_infra`` / ``_prepare_backward_infra``: overridden by the pipeline's timed
   stage so that shape inference counts no tokens (:data:`PIPELINE_SHAPE_INFERENCE`, checked at import there).
 """
@@ -17,6 +20,7 @@ Checked on torch 2.13.0 (CPU, gloo) and 2.11 (CUDA 13, the lent GPU machine's):
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401  (re-exported)
 
 PIPELINE_SHAPE_INFERENCE = ("_prepare_forward_infra", "_prepare_backward_infra")
 
@@ -28,6 +32,16 @@ def has_grouped_mm() -> bool:
 def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x_NI in groups ending at ``offs`` (int32 cumulative counts), each times its w_EIO[e]."""
     return torch._grouped_mm(x_NI, w_EIO, offs=offs)
+
+
+def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm of each tensor (0-dim, its dtype)."""
+    return list(torch._foreach_norm(tensors))
+
+
+def foreach_mul_(tensors: list[torch.Tensor], scalar: torch.Tensor) -> None:
+    """Every tensor times a 0-dim tensor of their dtype, in place."""
+    torch._foreach_mul_(tensors, scalar)
 
 
 def register_pytree_dataclass(cls: type) -> type:

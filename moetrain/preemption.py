@@ -8,15 +8,14 @@ import signal
 import threading
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    def __init__(self, device: torch.device, world_size: int):
-        self.device, self.world_size = device, world_size
+    """The signal this rank received, if any (the trainer sums the flags of all ranks with the step's losses, so
+    that every rank stops after the same step)."""
+
+    def __init__(self):
         self.signum: int | None = None
 
     def install(self) -> None:
@@ -28,13 +27,6 @@ class StopRequest:
 
         for sig in STOP_SIGNALS:
             signal.signal(sig, request_stop)
-
-    def requested(self) -> bool:
-        """Whether any rank got a signal (every rank stops at the same step)."""
-        flag = torch.tensor(float(self.signum is not None), device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def mark_preempted(step: int, run_dir: Path) -> None:

@@ -138,8 +138,9 @@ class RunDirOwner:
         self.run_dir, self.is_main = Path(run_dir), rank == 0
         self._created = self.is_main and not self.run_dir.exists()
         self.started = False
-        self.rank_log = RankLog(self.run_dir, rank)  # run.dir/logs/rank_<r>.log, written when needed
         self._lock = self._acquire(world_size, device, log)
+        # run.dir/logs/rank_<r>.log, written when needed; only once the lock is this run's.
+        self.rank_log = RankLog(self.run_dir, rank)
 
     def _acquire(self, world_size: int, device, log) -> RunDirLock | None:
         lock, refusal = None, None

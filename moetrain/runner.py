@@ -41,8 +41,8 @@ class Runner:
         """Forward only: the batch's LMOutput where the loss is computed (every rank, or the last stage's)."""
         raise NotImplementedError
 
-    def clip_gradients(self, max_norm: float) -> float:
-        """Finish the step's gradient reductions and clip them; the global norm before clipping."""
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Finish the step's gradient reductions and clip them; the global norm before clipping (0-dim, device)."""
         self.strategy.finish_gradients(self.model)
         return self.strategy.clip_grad_norm(self.model, max_norm)
 
@@ -76,9 +76,6 @@ class Runner:
     def _balance_sum(self) -> torch.Tensor:
         """The balance losses of the forwards since the last call, summed over this rank's layers."""
         return sum(pop_balance_loss(self.model).values(), torch.zeros((), device=self.device))
-
-    def _zero(self) -> torch.Tensor:
-        return torch.zeros((), device=self.device)
 
 
 def _mtp_mean(out) -> torch.Tensor:
@@ -154,7 +151,7 @@ class PipelineRunner(Runner):
                           position_ids_BT=torch.cat([p for _, p in positions]))
         return kwargs
 
-    def clip_gradients(self, max_norm: float) -> float:
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
         self.strategy.finish_gradients(self.model)
         self.pipeline.tie_embedding_grads()
         return self.strategy.clip_grad_norm(self.model, max_norm, self.pipeline.norm_excluded())

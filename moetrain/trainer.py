@@ -26,6 +26,7 @@ from moetrain.data import Blend, DataLoader, build_sources
 from moetrain.data.loader import read_batches
 from moetrain.errors import TrainingDiverged
 from moetrain.metrics import MetricsLogger, log_text, memory_gb
+from moetrain.model.mla import sdpa_backend
 from moetrain.moe_stats import MoEStats
 from moetrain.optim import build_optimizer, set_lr
 from moetrain.parallel.dist import DistInfo, init_distributed
@@ -84,7 +85,7 @@ class Trainer:
         self.ckpt = CheckpointManager(job.checkpoint.dir, job.checkpoint.keep_last, self.dist.rank,
                                       self.dist.world_size, self.log, job.checkpoint.async_save, self.strategy)
         self.profiler = StepProfiler(job.train.profile, self.dist.rank, self.run_dir, self.device)
-        self.stop = StopRequest(self.device, self.dist.world_size)
+        self.stop = StopRequest()
         self._nonfinite_steps = 0  # consecutive
         entropy = self.sources.unigram_entropy
         self.log(f"moetrain: {job.model.n_layers} layers, {built.n_params / 1e6:.2f}M parameters, "
@@ -92,6 +93,9 @@ class Trainer:
                  f"{self.runner.describe()} on {name}{_kernels_note(self.device)}, compute {self.precision}, "
                  f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
                  f"tokens{'' if entropy is None else f' (unigram entropy {entropy:.3f} nats)'}; run dir {self.run_dir}")
+        backend = sdpa_backend(job.model, self.device, self.precision.compute_dtype, job.train.seq_len,
+                               job.data.document_mask)
+        self.log(f"attention: {backend}")
 
     def _build_sources(self):
         """Local rank 0 prepares (or downloads) shared cached data first; the other ranks then read it."""
@@ -185,9 +189,9 @@ class Trainer:
             if validate:
                 stats["val_loss"] = self.validate()
             if self.step % job.logging.interval == 0 or self.step == last or validate or stats["skipped"]:
-                self._log_step(stats, step_seconds)
+                self.log_step(stats, step_seconds)
             self._check_finite(stats)
-            if self.stop.requested():
+            if stats["stop"]:
                 self.log(f"preemption: signal {self.stop.signum} received; checkpointing step {self.step} and exiting")
                 preempted = True
                 break
@@ -231,9 +235,16 @@ class Trainer:
         mtp_lambda = mtp_lambda_at(step, job.train)
         sums = self.runner.forward_backward(micro_batches, n_tokens, mtp_lambda, global_batch)
         grad_norm = self.runner.clip_gradients(job.optim.grad_clip)
-        # Every rank has summed its own micro-batches and layers: the totals span the data and pipeline ranks.
-        sums = all_reduce_sum(all_reduce_sum(sums, self.mesh.dp_group), self.mesh.pp_group)
-        lm, mtp, balance = torch.stack([sums[0] / n_tokens, sums[1] / n_tokens, sums[2]]).tolist()
+        # Every rank has summed its own micro-batches and layers: the totals span the data and pipeline ranks. A
+        # stop signal on any rank makes the count positive: every rank stops after the same step.
+        stop = torch.tensor([float(self.stop.signum is not None)], device=self.device)
+        sums = all_reduce_sum(all_reduce_sum(torch.cat([sums, stop]), self.mesh.dp_group), self.mesh.pp_group)
+        # NOTE: the step's one host read (the loss parts, the norm and the stop count, one transfer): the decision
+        # to skip a non-finite step needs them before the optimizer runs.
+        # (DeepSpeed's norm is on the CPU when it offloads the optimizer.) A signal that arrives after this read
+        # stops the run after the next step.
+        lm, mtp, balance, stops, grad_norm = torch.cat([sums[:2] / n_tokens, sums[2:],
+                                                        grad_norm.view(1).to(self.device)]).tolist()
         total = lm + (mtp_lambda * mtp if job.model.n_mtp_layers else 0.0)
         # Every rank sees the same global sums and norm, so all skip together.
         skipped = not (math.isfinite(total + balance) and math.isfinite(grad_norm))
@@ -244,7 +255,8 @@ class Trainer:
         self.moe.update(0.0 if skipped else bias_update_speed_at(step, job.train))
         self.tokens_seen += global_batch * job.train.seq_len
         return {"loss": total + balance, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance, "lr": lr,
-                "grad_norm": grad_norm, "global_batch": global_batch, "mtp_lambda": mtp_lambda, "skipped": skipped}
+                "grad_norm": grad_norm, "global_batch": global_batch, "mtp_lambda": mtp_lambda, "skipped": skipped,
+                "stop": stops > 0}
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -268,7 +280,9 @@ class Trainer:
         totals = all_reduce_sum(all_reduce_sum(torch.stack([total, count]), self.mesh.dp_group), self.mesh.pp_group)
         return (totals[0] / totals[1].clamp_min(1)).item()
 
-    def _log_step(self, stats: dict, step_seconds: float) -> None:
+    def log_step(self, stats: dict, step_seconds: float) -> None:
+        """The metrics record of a step (the stats train_step returned): a constant number of host reads, whatever
+        the number of layers."""
         tokens_per_s = stats["global_batch"] * self.job.train.seq_len / step_seconds
         tflops = self.flops_per_token * tokens_per_s / 1e12 / self.dist.world_size  # per device
         record = {k: stats[k] for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm")}

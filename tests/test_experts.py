@@ -64,3 +64,30 @@ def test_local_dispatcher_handles_a_rank_with_no_tokens():
     out_TD = dispatcher.combine(tokens_ND * 2, ctx)
     out_TD.sum().backward()
     assert out_TD.shape == (0, 8) and x_TD.grad.shape == (0, 8)
+
+
+def test_bf16_autocast_runs_every_grouped_gemm_in_bf16():
+    """precision=bf16 without FSDP: fp32 weights, fp32 residual stream; every aten._grouped_mm of forward and
+    backward still takes bf16 operands (recorded below autograd, as the kernels see them)."""
+    from conftest import make_model, small_config
+    from moetrain._compat import TorchDispatchMode
+
+    class Operands(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "_grouped_mm" in str(func):
+                self.dtypes.append(tuple(str(a.dtype) for a in args[:2]))
+            return func(*args, **(kwargs or {}))
+
+    model = make_model(small_config())
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with Operands() as seen:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens, tokens.roll(-1, 1))
+        out.loss(out.n_tokens, 0.3).backward()
+    assert len(seen.dtypes) >= 2 * 3 * 3  # 2 MoE layers x (w1, w3, w2) forward, and their backward
+    assert set(seen.dtypes) == {("torch.bfloat16", "torch.bfloat16")}, set(seen.dtypes)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)  # fp32 masters

@@ -213,8 +213,8 @@ def test_native_fp8_expert_parallel_equals_one_process(tmp_path, fp32_reference)
     next E4M3 step (2^-3 relative): beyond the forward of step 1, agreement to fp32's 1e-5 would be luck. The
     error FP8 itself makes is the yardstick, measured in this run as the gap between one FP8 process and one
     fp32 process. Measured (2026-12-06, x86 AVX2 host): FP8 vs fp32 gaps of losses <= 3.2e-4, gradient norms
-    <= 2.0e-3, weights (median over tensors) 4.4e-3, MaxVio 0.13; FP8 layout or kernel changes moved them by
-    <= 3.4e-5, 7.5e-4, 1.2e-3, 0.03. Bounds: FP8's gap, and half of it for the losses, which a layout that skipped
+    <= 2.0e-3, weights (median over tensors) 4.4e-3 (worst 1.2e-2), MaxVio 0.13; FP8 layout or kernel changes
+    moved them by <= 3.4e-5, 7.5e-4, 1.2e-3 (4.6e-3), 0.03. Bounds: FP8's gap, and half of it for the losses, which a layout that skipped
     a quantisation (a loss gap as large as FP8's) or mis-scaled one (larger) exceeds."""
     fp32_dir, fp32 = fp32_reference
     fp8 = ["precision=fp8", "precision.fp8.provider=native"]
@@ -233,7 +233,8 @@ def test_native_fp8_expert_parallel_equals_one_process(tmp_path, fp32_reference)
     assert maxvio(got, ref) <= maxvio(ref, fp32)
     weights, want = final_model(tmp_path / "ep2dp2"), final_model(tmp_path / "one")
     assert weights.keys() == want.keys()
-    assert _weight_gaps(weights, want).median() <= _weight_gaps(want, final_model(fp32_dir)).median()
+    layout_gaps, fp8_gaps = _weight_gaps(weights, want), _weight_gaps(want, final_model(fp32_dir))
+    assert layout_gaps.median() <= fp8_gaps.median() and layout_gaps.max() <= fp8_gaps.max(), (layout_gaps, fp8_gaps)
 
 
 def test_fp8_where_it_cannot_run_is_refused_or_falls_back(tmp_path):

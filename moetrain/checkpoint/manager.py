@@ -447,7 +447,6 @@ def _optimizer_tensors(optim_sd: dict) -> dict:
     return {k: v for k, v in optim_sd.items() if k.startswith("state.")}
 
 
-
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -61,6 +61,7 @@ def check_layout(parallel: ParallelConfig, world_size: int, n_routed_experts: in
                  f"({n_routed_experts} % {parallel.ep} = {n_routed_experts % parallel.ep})")
     _check_strategy(parallel, prefix)
 
+
 def _check_strategy(parallel: ParallelConfig, prefix: str) -> None:
     require(parallel.dp_strategy in DP_STRATEGIES, f"{prefix}.dp_strategy",
              f"must be one of {', '.join(DP_STRATEGIES)}, got {parallel.dp_strategy!r}")
@@ -76,10 +77,12 @@ def _check_strategy(parallel: ParallelConfig, prefix: str) -> None:
              f"deepspeed cannot run with pp={parallel.pp}: DeepSpeed's engine does not drive "
              "torch.distributed.pipelining stages; use parallel.dp_strategy=fsdp or parallel.pp=1")
 
+
 def check_supported(parallel: ParallelConfig, prefix: str = "parallel") -> None:
     """Refuse what the trainer does not implement yet (valid layouts the mesh can already be built for)."""
     require(parallel.dp_strategy != "ddp" or parallel.pp == 1, f"{prefix}.dp_strategy",
              f"ddp is not combined with pipeline stages (pp={parallel.pp}); use parallel.dp_strategy=fsdp")
+
 
 def check_pipeline(parallel: ParallelConfig, model: ModelConfig, train: TrainConfig, world_size: int) -> None:
     """The schedule, stages per rank, layout and micro-batch count, checked before any process starts."""

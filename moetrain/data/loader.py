@@ -28,14 +28,16 @@ class Batch:
     tokens: torch.Tensor
     labels: torch.Tensor  # [B, T], IGNORE_INDEX where there is no target
     eos_id: int | None = None
+    n_targets: int = -1  # labels that are not IGNORE_INDEX, counted on the host when the batch is read
+
+    def __post_init__(self):
+        if self.n_targets < 0:  # NOTE: from the host copy: counting on the device would be a sync per batch
+            self.n_targets = int((self.labels.numpy() != IGNORE_INDEX).sum()) if self.labels.device.type == "cpu" \
+                else int((self.labels != IGNORE_INDEX).sum())
 
     def to(self, device) -> "Batch":
         return Batch(self.tokens.to(device, non_blocking=True).long(),
-                     self.labels.to(device, non_blocking=True).long(), self.eos_id)
-
-    @property
-    def n_targets(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+                     self.labels.to(device, non_blocking=True).long(), self.eos_id, self.n_targets)
 
     def document_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """doc_ids [B, T] and position_ids [B, T]; computed on demand (document masking only)."""

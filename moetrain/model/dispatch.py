@@ -12,6 +12,14 @@ from dataclasses import dataclass
 import torch
 
 
+def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Copies routed to each expert (int64 [E]) of the flat expert ids ``idx``.
+
+    NOTE: scatter_add, not bincount: bincount reads its input's maximum on the host to size the output, a sync
+    per MoE layer on a GPU."""
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+
+
 @dataclass
 class DispatchContext:
     order_N: torch.Tensor  # position in the flat [T*K] routing list of each sorted copy
@@ -32,7 +40,7 @@ class LocalDispatcher:
         K = topk_idx_TK.shape[1]
         flat_idx_N = topk_idx_TK.flatten()
         order_N = torch.argsort(flat_idx_N, stable=True)
-        counts_E = torch.bincount(flat_idx_N, minlength=self.n_experts)
+        counts_E = expert_counts(flat_idx_N, self.n_experts)
         tokens_ND = x_TD[order_N // K]
         return tokens_ND, counts_E, DispatchContext(order_N, topk_weight_TK)
 

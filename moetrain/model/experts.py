@@ -54,7 +54,13 @@ class GroupedExperts(nn.Module):
         return tuple(w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
 
     def grouped_mm(self, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Per expert e: rows of x_NI belonging to e times w_EOI[e]^T. The seam FP8 providers override."""
+        """Per expert e: rows of x_NI belonging to e times w_EOI[e]^T. The seam FP8 providers override.
+
+        Under autocast both operands take its dtype: autocast does not cover ``_grouped_mm``, and the residual
+        stream (fp32 norms) hands the experts fp32 activations, which would keep the GEMM in fp32 (on CUDA:
+        the per-expert fallback)."""
+        if torch.is_autocast_enabled(x_NI.device.type):
+            x_NI = x_NI.to(torch.get_autocast_dtype(x_NI.device.type))
         w_EOI = w_EOI.to(x_NI.dtype)
         if self.use_grouped_mm and grouped_mm_supported(x_NI, w_EOI):
             offs = torch.cumsum(counts_E, dim=0, dtype=torch.int32)

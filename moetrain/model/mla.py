@@ -77,3 +77,27 @@ def document_causal_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
     same_doc = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
     return (causal & same_doc).unsqueeze(1)
+
+
+def sdpa_backend(cfg, device: torch.device, dtype: torch.dtype, seq_len: int, document_mask: bool) -> str:
+    """Which of SDPA's kernels MLA's attention gets at these shapes (the first that can run, in SDPA's order):
+    for the startup log, because MLA's head dims (192 for q/k, 128 for v) and dense document masks can keep it
+    off flash attention."""
+    if device.type != "cuda":
+        return f"{device.type} (SDPA's {device.type} kernels)"
+    from torch.backends import cuda
+
+    a = cfg.attn
+    q = torch.empty(1, a.n_heads, seq_len, a.qk_nope_head_dim + a.qk_rope_head_dim, device=device, dtype=dtype)
+    v = torch.empty(1, a.n_heads, seq_len, a.v_head_dim, device=device, dtype=dtype)
+    mask = torch.empty(1, 1, seq_len, seq_len, device=device, dtype=torch.bool) if document_mask else None
+    try:
+        params = cuda.SDPAParams(q, q, v, mask, 0.0, mask is None, False)
+    except TypeError as e:  # the signature follows the torch version
+        return f"unknown ({e})"
+    for name, check in (("cudnn", "can_use_cudnn_attention"), ("flash", "can_use_flash_attention"),
+                        ("memory-efficient", "can_use_efficient_attention")):
+        fn = getattr(cuda, check, None)
+        if fn is not None and fn(params, False):
+            return name
+    return "math (no fused kernel accepts these shapes)"

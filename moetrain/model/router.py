@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.model.config import RouterConfig
+from moetrain.model.dispatch import expert_counts
 from moetrain.model.layers import is_recomputing
 
 
@@ -50,7 +51,7 @@ class Router(nn.Module):
         # NOTE: activation recomputation runs this forward again inside backward (is_recomputing): count once.
         if self.training and not is_recomputing():
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_routed_experts)
+                self.tokens_per_expert += expert_counts(topk_idx_TK.flatten(), self.n_routed_experts)
         return topk_idx_TK, topk_weight_TK, scores_TE
 
     def _limit_to_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:

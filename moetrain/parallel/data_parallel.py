@@ -13,9 +13,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moetrain._compat import foreach_mul_, foreach_norm
 from moetrain.model.moe import MoE
 from moetrain.model.transformer import Transformer
-from moetrain.parallel.mesh import ParallelMesh
+from moetrain.parallel.mesh import ParallelMesh, local_tensor
 
 
 def apply_fsdp(model: Transformer, mesh: ParallelMesh, param_dtype: torch.dtype = torch.float32,
@@ -52,7 +53,7 @@ def apply_fsdp(model: Transformer, mesh: ParallelMesh, param_dtype: torch.dtype 
 
 @torch.no_grad()
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group=None, stage_group=None,
-                   uncounted: frozenset[int] = frozenset()) -> float:
+                   uncounted: frozenset[int] = frozenset()) -> torch.Tensor:
     """One global gradient norm over every parameter, whatever mesh it is sharded on; clip to ``max_norm``.
 
     FSDP2 shards dense parameters over dp and experts over (edp, ep): either way each rank holds a disjoint piece,
@@ -60,21 +61,32 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, group=None, stag
     clip_grad_norm_ cannot mix DTensors of different meshes). Plain tensors are replicated and counted once.
     Pipeline stages hold disjoint parameters: their squared norms are summed over ``stage_group``. Parameters whose
     id is in ``uncounted`` are clipped but not counted (a tied copy whose gradient its original already counts).
+
+    Returns the norm before clipping as a 0-dim fp32 tensor on the device: nothing here waits for the host (one
+    foreach norm per group of pieces, one foreach scale; a non-finite norm leaves the gradients as they are, the
+    trainer skips that step).
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     counted = [p.grad for p in params if p.grad is not None and id(p) not in uncounted]
     sharded = [g.to_local() for g in counted if isinstance(g, DTensor)]
     replicated = [g for g in counted if not isinstance(g, DTensor)]
-    zero = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-    sharded_sq = sum((g.float().pow(2).sum() for g in sharded), zero.clone())
+    device = grads[0].device if grads else "cpu"
+    sharded_sq = _sum_of_squares(sharded, device)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(sharded_sq, group=group)
-    total_sq = sharded_sq + sum((g.float().pow(2).sum() for g in replicated), zero.clone())
+    total_sq = sharded_sq + _sum_of_squares(replicated, device)
     if stage_group is not None and dist.get_world_size(stage_group) > 1:
         dist.all_reduce(total_sq, group=stage_group)
     total = total_sq.sqrt()
-    if max_norm and total.isfinite():
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
-    return float(total)
+    if max_norm and grads:
+        coef = torch.where(total.isfinite(), (max_norm / (total + 1e-6)).clamp(max=1.0), 1.0)
+        for dtype in {g.dtype for g in grads}:
+            foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
+    return total
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """sum_i ||t_i||^2 in fp32 (one foreach norm), 0 for none."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(foreach_norm([t.float() for t in tensors])).square().sum()

@@ -59,7 +59,8 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # device_id binds NCCL's communicator to this rank's GPU at once (no guessing from the current device).
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from moetrain.model.dispatch import expert_counts
 from moetrain.model.layers import is_recomputing
 
 
@@ -95,7 +96,7 @@ class AllToAllDispatcher:
                 self._ranks_sum += routing_ranks_per_token(topk_idx_TK, E, P) * T
         flat_idx_N = topk_idx_TK.flatten()
         order_N = torch.argsort(flat_idx_N, stable=True)  # expert-major, so also destination-rank-major
-        counts_E = _bincount(flat_idx_N, E)
+        counts_E = expert_counts(flat_idx_N, E)
         order_S, counts_E = self._apply_capacity(flat_idx_N, order_N, counts_E, T * K)
 
         # Each rank learns how many rows of each of its experts every source sends: [P, L] after the exchange.
@@ -143,11 +144,6 @@ class AllToAllDispatcher:
         expert_sorted_N = flat_idx_N[order_N]
         rank_in_expert_N = torch.arange(n_copies, device=order_N.device) - _exclusive_cumsum(counts_E)[expert_sorted_N]
         return order_N[rank_in_expert_N < capacity], counts_E.clamp(max=capacity)
-
-
-def _bincount(idx: torch.Tensor, n: int) -> torch.Tensor:
-    # scatter_add instead of bincount: bincount syncs with the host on GPUs to size its output.
-    return torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:

@@ -286,7 +286,6 @@ def _multi(cls) -> bool:
     return issubclass(cls, PipelineScheduleMulti)
 
 
-
 def _embedding_group(mesh: ParallelMesh, ranks: list[int]):
     """The group of the global ranks holding the first stage and the last (tied copies of the embedding), one per
     data-parallel coordinate; None when both stages are on one rank (V-shaped). Every rank creates every group."""

@@ -58,8 +58,9 @@ class DataParallelStrategy:
     def finish_gradients(self, model: nn.Module) -> None:
         """Reductions that backward did not do (called once per optimizer step, before clipping)."""
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float, uncounted: frozenset[int] = frozenset()) -> float:
-        """The global gradient norm before clipping, over every stage; gradients are clipped to ``max_norm`` (0: not
+    def clip_grad_norm(self, model: nn.Module, max_norm: float,
+                       uncounted: frozenset[int] = frozenset()) -> torch.Tensor:
+        """The global gradient norm before clipping (a 0-dim device tensor: no host sync), over every stage; gradients are clipped to ``max_norm`` (0: not
         clipped). ``uncounted``: ids of parameters clipped but left out of the norm (a tied copy counted elsewhere)."""
         return clip_grad_norm(list(model.parameters()), max_norm, self.mesh.dp_group, self.mesh.pp_group, uncounted)
 
@@ -120,7 +121,8 @@ class DDPStrategy(DataParallelStrategy):
             if isinstance(p, DTensor) and p.grad is not None:
                 all_reduce_sum(p.grad.to_local(), self.mesh.edp_group)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float, uncounted: frozenset[int] = frozenset()) -> float:
+    def clip_grad_norm(self, model: nn.Module, max_norm: float,
+                       uncounted: frozenset[int] = frozenset()) -> torch.Tensor:
         # ``uncounted`` is for pipeline stages, which run with fsdp only (config.check_supported).
         # Dense gradients are whole on every rank (replicated) and expert ones are DTensors over ep: the ep group is
         # the one whose pieces are disjoint; the edp ranks hold equal copies.

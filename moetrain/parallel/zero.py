@@ -184,11 +184,12 @@ class DeepSpeedStrategy(DataParallelStrategy):
         finally:
             self.engine.set_gradient_accumulation_boundary(True)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float, uncounted: frozenset[int] = frozenset()) -> float:
+    def clip_grad_norm(self, model: nn.Module, max_norm: float,
+                       uncounted: frozenset[int] = frozenset()) -> torch.Tensor:
         """The global gradient norm over every partition (DeepSpeed's own); the clipping happens in :meth:`step`.
         (``uncounted`` is for pipeline stages, which DeepSpeed does not run.)"""
         opt = self.engine.optimizer
-        return float(opt.scaled_global_norm()) / opt.loss_scale
+        return torch.as_tensor(opt.scaled_global_norm(), dtype=torch.float32) / opt.loss_scale
 
     def step(self, optimizer) -> None:
         self.engine.step()
@@ -281,7 +282,6 @@ class DeepSpeedStrategy(DataParallelStrategy):
                                  "exp_avg_sq": torch.zeros_like(flat)}
         _link_adam_state(optimizer)
         return steps
-
 
 
 def _link_adam_state(opt) -> None:
