@@ -72,12 +72,7 @@ def _gloo_entry(rank: int, nprocs: int, init_file: str, out_file: str, fn, args)
 
 def metrics_records(run_dir) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl`` (a missing file is an error)."""
-    return metrics_records_of(Path(run_dir) / "metrics.jsonl")
-
-
-def metrics_records_of(path) -> list[dict]:
-    """The records of a JSONL metrics file (a missing file is an error)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_on_gloo_ranks(fn, nprocs: int, tmp_path, *args):

@@ -28,9 +28,6 @@ ARGS = ["train.steps=3", "logging.interval=1", "data.demo_bytes=200000", "train.
         "train.global_batch_size=16", "train.micro_batch_size=4", "logging.console=false",
         "checkpoint.interval=2", "checkpoint.keep_last=2"]
 KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "expert_bias_abs_mean")
-# A restarted worker group resumes from the last checkpoint (exactly), so one restart heals a transient failure
-# of a loaded machine (a gloo connect refused at rendezvous) without hiding a real one, which fails again.
-MAX_RESTARTS = "1"
 
 
 def _cpu_flags() -> set[str]:
@@ -72,8 +69,7 @@ def train_layout(run_dir: Path, nproc: int, *overrides, entry=("moetrain", "trai
     """``moetrain train`` (or ``entry=("moetrain.train",)``: ``python -m moetrain.train``) on nproc ranks; the
     records of metrics.jsonl."""
     launcher = [sys.executable, "-m"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         "--max-restarts", MAX_RESTARTS, "-m"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
     proc = subprocess.run([*launcher, *entry, f"run.dir={run_dir}", *ARGS, *overrides],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

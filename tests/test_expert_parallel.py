@@ -3,18 +3,14 @@
 Each layout trains the tiny model (8 experts, group-limited routing over 4 groups) for 3 optimizer steps on the
 same global batch: losses, gradient norms, every parameter and every router bias must equal one process's
 (fp32, tests/layouts.py's bounds; the reference runs other CPU kernels). A checkpoint written at (ep=2, dp=4)
-resumes at (ep=1, dp=1) and at (ep=4, dp=4); (ep=2, dp=4) itself is checked by the resume test. One layout loses
-its ranks while saving the last step: torchrun restarts them, and they resume and end as the uninterrupted run.
+resumes at (ep=1, dp=1) and at (ep=4, dp=4); (ep=2, dp=4) itself is checked by the resume test.
 """
 
-import os
 import shutil
 
 import pytest
 import torch
 
-from moetrain.checkpoint.manager import FAULT_ENV
-from conftest import metrics_records_of
 from layouts import KEYS, assert_close_records, assert_same_model, train_layout
 
 
@@ -23,16 +19,9 @@ from layouts import KEYS, assert_close_records, assert_same_model, train_layout
 def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, fp32_reference, strategy, ep, dp):
     ref_dir, ref = fp32_reference
     entry = ("moetrain.train",) if strategy == "ddp" else ("moetrain", "train")  # both entry points work
-    # (fsdp, ep 2, dp 2): every rank dies (SIGKILL) while saving step 3, after step 2's checkpoint completed.
-    crash = (strategy, ep, dp) == ("fsdp", 2, 2)
-    env = {**os.environ, FAULT_ENV: "kill_during_save@3"} if crash else None
-    records = train_layout(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}", entry=entry,
-                           env=env)
+    records = train_layout(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}", entry=entry)
     assert_close_records(records, ref)
     assert_same_model(tmp_path, ref_dir)
-    if crash:  # the restarted group resumed from step 2, and metrics.jsonl holds step 3 once (its first try aside)
-        assert "continuing after step 2" in (tmp_path / "train.log").read_text()
-        assert [r["step"] for r in metrics_records_of(tmp_path / "metrics.replaced.jsonl")] == [3]
     # Node-limited routing: with n_group = ep each group is one rank, so a token reaches <= topk_group ranks.
     if ep > 1:
         fan_out = [r["routing_ranks_per_token"] for r in records]

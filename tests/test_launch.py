@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from layouts import MAX_RESTARTS
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # srun: run the command after srun's own options, forwarding the signals Slurm's srun forwards to the tasks.
@@ -49,7 +47,6 @@ def _fake_slurm(tmp_path) -> dict:
     return {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
             "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1",
             "SLURM_GPUS_ON_NODE": "2", "FAKE_SLURM_LOG": str(tmp_path / "scontrol.log"), "MOETRAIN_SHUTDOWN_S": "120",
-            "MOETRAIN_MAX_RESTARTS": MAX_RESTARTS,
             "SLURM_SUBMIT_DIR": str(tmp_path)}
 
 

@@ -29,7 +29,6 @@ import torch
 import yaml
 
 from conftest import metrics_records
-from layouts import MAX_RESTARTS
 from test_launch import SMALL, _fake_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +208,7 @@ def shell(tmp_path_factory):
         command = f"{_stand_ins(line)} {HOW[line].extra}".strip() + after
         path = f"{bin_dir}:{env['PATH']}" if env else f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
         proc = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=300,
-                              env={"MOETRAIN_MAX_RESTARTS": MAX_RESTARTS, **(env or os.environ), "PATH": path})
+                              env={**(env or os.environ), "PATH": path})
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         return proc
 
