@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from moetrain.model.config import ConfigError, ModelConfig, require
+from moetrain.model.config import ModelConfig, require
 
 
 @dataclass
