@@ -48,7 +48,7 @@ def _plan(*overrides: str) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("name", ["tiny", "proxy", "deepseek_v2_lite", "deepseek_v3_671b"])
+@pytest.mark.parametrize("name", ["tiny", "proxy_1gpu", "proxy", "deepseek_v2_lite", "deepseek_v3_671b"])
 def test_parameter_counts_equal_the_built_model(name):
     cfg = load_preset(name)
     named = dict(build_model(cfg, "meta").named_parameters())
@@ -89,6 +89,24 @@ def test_one_node_preset_fits_an_80gb_gpu(model):
     assert parts["total"] == pytest.approx(sum(parts[k] for k in ("weights", "gradients", "optimizer", "activations",
                                                                   "recompute_working", "all_to_all_buffers",
                                                                   "reserved")))
+
+
+SINGLE_GPU = ["model=proxy_1gpu", "data=synthetic", "train.seq_len=4096", "train.global_batch_size=16",
+              "train.micro_batch_size=2"]  # README's one-GPU line and benchmarks/gpu.sh's benchmark
+
+
+def test_single_gpu_preset_fits_one_h100_with_fp32_master_weights_and_adam():
+    plan = _plan(*SINGLE_GPU)
+    lay, mem = plan["layout"], plan["memory_gb"]
+    assert (lay["gpus"], lay["pp"], lay["dp"], lay["ep"], lay["gpu"]) == (1, 1, 1, 1, "H100")
+    assert mem["gpu"] == 80 and mem["fits"] and mem["total"] <= 0.9 * 80  # a tenth left for the allocator
+    # One rank shards nothing: fp32 master weights, fp32 gradients and both fp32 Adam moments (16 bytes per
+    # parameter) are all there, next to activations without recomputation.
+    n = parameter_counts(load_preset("proxy_1gpu"))
+    assert mem["gradients"] + mem["optimizer"] >= 12 * (n["total"] + n["mtp"]) / 1e9
+    assert plan["layout"]["recompute"] == "none"
+    # The 7B proxy does not fit one GPU: it stays the 8-GPU example.
+    assert not _plan("model=proxy", *SINGLE_GPU[1:])["memory_gb"]["fits"]
 
 
 def test_a_layout_that_does_not_fit_gets_the_nearest_that_does():

@@ -65,8 +65,10 @@ HOW = {
     "python -m pytest -q tests": How("CI itself (.ci/run)", run="test_ci_installs_and_tests_as_printed"),
     "moetrain train train.steps=1000 optim.lr=1e-3 run.dir=runs/lr1e-3": How(
         "1000 demo steps: composed and validated", world_size=1),
-    "moetrain train model=proxy data=synthetic train.seq_len=4096 train.global_batch_size=64 "
-    "train.micro_batch_size=4": How("the 7B proxy on one GPU: composed and validated", world_size=1),
+    "moetrain train model=proxy_1gpu data=synthetic train.seq_len=4096 train.global_batch_size=16 "
+    "train.micro_batch_size=2": How(
+        "the one-GPU proxy: composed and validated; that it fits one H100 is test_plan's",
+        world_size=1, elsewhere="tests/test_plan.py::test_single_gpu_preset_fits_one_h100_with_fp32_master_weights_and_adam"),
     "torchrun --nproc-per-node 8 -m moetrain train model=proxy data=synthetic train.global_batch_size=64 "
     "train.micro_batch_size=8 parallel.ep=8": How("8 GPUs: composed and validated for 8 ranks", world_size=8),
     "moetrain train --cfg job": How("prints the config", run="test_print_config_as_printed"),
