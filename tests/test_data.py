@@ -289,3 +289,18 @@ def test_prepare_bar_has_the_input_bytes_as_total(tmp_path, monkeypatch):
     assert states[-1].startswith("prepare-data: 100%") and f" {size}/{size} " in states[-1], (states[-1], total)
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", states[-2]), states[-2]  # elapsed<remaining: an ETA
     assert _decode_documents(TokenDataset(str(tmp_path / "ds"))) == texts
+
+
+def test_two_processes_preparing_the_demo_cache_at_once_both_read_it_whole(tmp_path):
+    """Two jobs on one machine start with no demo cache: both prepare-or-wait on it and read the same tokens."""
+    code = ("import sys, hashlib, numpy as np\n"
+            "from types import SimpleNamespace\n"
+            "from moetrain.data import demo_dataset_dir\n"
+            "from moetrain.data.dataset import TokenDataset\n"
+            "d = TokenDataset(str(demo_dataset_dir(SimpleNamespace(cache_dir=sys.argv[1], demo_bytes=300000))))\n"
+            "print(len(d), hashlib.sha256(np.ascontiguousarray(d[0:len(d)]).tobytes()).hexdigest())\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert outs[0][0] == outs[1][0] and int(outs[0][0].split()[0]) > 50_000

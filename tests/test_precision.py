@@ -313,3 +313,20 @@ def test_te_linear_and_experts_track_bf16(recipe):
         out.loss(512, 0.3).backward()
     for (name, p), q in zip(ref.named_parameters(), fp8.parameters()):
         assert q.grad is not None and _rel(q.grad, p.grad) < 0.15, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tf32_only_where_asked_for():
+    """precision.tf32 switches CUDA's fp32 matmuls to TF32 (10-bit mantissa) and back; off, they are IEEE fp32."""
+    from moetrain.config import PrecisionConfig
+
+    a, b = torch.randn(512, 512, device="cuda"), torch.randn(512, 512, device="cuda")
+    exact = (a.double() @ b.double()).float()
+    errors = {}
+    for tf32 in (True, False):
+        Precision(PrecisionConfig(dtype="bf16", tf32=tf32), torch.device("cuda"))
+        assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if tf32 else "ieee")
+        errors[tf32] = _rel(a @ b, exact)
+    # fp32 accumulates 24-bit products (relative error ~1e-7 here); TF32 rounds the inputs to 11 bits (~1e-4).
+    assert errors[False] < 1e-5 < errors[True]

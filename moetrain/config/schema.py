@@ -100,6 +100,10 @@ class PrecisionConfig:
     # Master weights, optimizer states and the router stay fp32.
     dtype: str = "auto"
     fp8: FP8Config = field(default_factory=FP8Config)
+    # CUDA: fp32 matmuls and convolutions in TF32 (10-bit mantissa, fp32 range). Off by default: under bf16 the
+    # fp32 GEMMs left are the router gate, which DeepSeek-V3 keeps in full fp32, and native FP8's emulated GEMMs;
+    # turn it on for precision=fp32 runs that trade exactness for speed.
+    tf32: bool = False
 
     def validate(self, prefix: str = "precision") -> None:
         require(self.dtype in ("auto", "fp32", "bf16", "fp8"), f"{prefix}.dtype",

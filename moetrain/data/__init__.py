@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +47,15 @@ def demo_dataset_dir(data_cfg) -> Path:
 
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
     out = cache_root(data_cfg) / "demo" / f"{version}-{data_cfg.demo_bytes}"
-    if not (out / "progress.json").exists() or '"done": true' not in (out / "progress.json").read_text():
-        prepare_documents(demo_documents(data_cfg.demo_bytes), out, "bytes", shard_tokens=1 << 19, workers=1,
-                          progress=False, inputs_id={"demo": "stdlib docstrings", "bytes": data_cfg.demo_bytes,
-                                                     "python": version})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # NOTE: two runs on one machine (two jobs, two test workers) may both find the cache missing; the lock makes
+    # the second wait for the first's shards instead of writing the same files at once.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "progress.json").exists() or '"done": true' not in (out / "progress.json").read_text():
+            prepare_documents(demo_documents(data_cfg.demo_bytes), out, "bytes", shard_tokens=1 << 19, workers=1,
+                              progress=False, inputs_id={"demo": "stdlib docstrings", "bytes": data_cfg.demo_bytes,
+                                                         "python": version})
     return out
 
 

@@ -38,6 +38,10 @@ class Precision:
         if choice in ("auto", "fp8"):
             choice = "bf16" if device.type == "cuda" or (choice == "fp8" and self.fp8 is None) else "fp32"
         self.compute_dtype = torch.bfloat16 if choice == "bf16" else torch.float32
+        self.tf32 = cfg.tf32 and device.type == "cuda"
+        if device.type == "cuda":  # process-wide flags: set both ways, so a second Trainer in one process agrees
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if self.tf32 else "ieee"
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if self.tf32 else "ieee"
 
     def _refuse_or_fall_back(self, reason: str, warn: Callable[[str], None]) -> None:
         if self.cfg.fp8.fallback != "bf16":
@@ -47,9 +51,11 @@ class Precision:
         self.fp8 = None
 
     def __str__(self) -> str:
+        tf32 = ", fp32 matmuls in TF32" if self.tf32 else ""
         if self.fp8 is None:
-            return str(self.compute_dtype).removeprefix("torch.")
-        return f"fp8 ({self.fp8.provider}, {self.fp8.recipe}; {str(self.compute_dtype).removeprefix('torch.')} elsewhere)"
+            return str(self.compute_dtype).removeprefix("torch.") + tf32
+        return (f"fp8 ({self.fp8.provider}, {self.fp8.recipe}; {str(self.compute_dtype).removeprefix('torch.')} "
+                f"elsewhere{tf32})")
 
     def convert(self, model: nn.Module, log: Callable[[str], None] = print) -> None:
         """The model's FP8 form, in place (before parallelisation); nothing without FP8."""
