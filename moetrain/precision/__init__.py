@@ -98,12 +98,7 @@ def _fp8_unavailable(provider: str, recipe: str, device: torch.device) -> str | 
     except ImportError as e:
         return (f"Transformer Engine is not installed ({e}); pip install 'moetrain[gpu]', or use "
                 "precision.fp8.provider=native")
-    # TE's own verdict (GPU, driver, cuBLAS), where this TE version has one.
-    check = {"blockwise": "check_fp8_block_scaling_support", "mxfp8": "check_mxfp8_support"}.get(recipe,
-                                                                                                "check_fp8_support")
-    fn = getattr(getattr(te, "fp8", None), check, None)
-    if fn is not None:
-        ok, why = fn()
-        if not ok:
-            return f"Transformer Engine cannot run the {recipe} recipe here: {why}; use precision=bf16"
-    return None
+    from moetrain.precision.te import te_unavailable
+
+    reason = te_unavailable(te, recipe)  # TE's own verdict (GPU, driver, cuBLAS)
+    return None if reason is None else f"{reason}; use precision=bf16"
