@@ -415,6 +415,50 @@ def test_te_experts_one_module_per_weight_built_on_meta_with_views_set_once():
     torch.testing.assert_close(got[0], _grads(plain, x, counts, dy)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_te_fp8_with_recomputation_is_accepted_but_not_with_split_backward(recompute):
+    job = to_job_config(compose(["precision=fp8", "precision.fp8.provider=te", f"train.recompute={recompute}"]))
+    assert job.train.recompute == recompute and job.precision.fp8.provider == "te"
+    pp = ["parallel.pp=2", "parallel.dp=1", "parallel.pp_schedule=ZBVZeroBubble", "parallel.pp_chunks=2",
+          "train.global_batch_size=8", "train.micro_batch_size=1"]
+    job = to_job_config(compose(["precision=fp8", "precision.fp8.provider=te", "train.recompute=none", *pp]), 2)
+    assert job.parallel.pp_schedule == "ZBVZeroBubble"  # the layout itself is valid
+    with pytest.raises(ConfigError, match="train.recompute"):
+        to_job_config(compose(["precision=fp8", "precision.fp8.provider=te", f"train.recompute={recompute}", *pp]), 2)
+
+
+def test_native_fp8_with_full_recomputation_gives_the_same_gradients():
+    """The native quantisers are deterministic functions of their inputs: the recomputed forward quantises the same
+    fp32 values to the same E4M3 values, so gradients agree to fp32's summation-order noise (the bound of
+    tests/test_train.py's recomputation test); the recomputation runs through the checkpoint function given."""
+    from conftest import make_model, small_config
+    from torch.utils.checkpoint import checkpoint
+
+    from moetrain.parallel.recompute import apply_recompute
+
+    calls = []
+
+    def spy(fn, *args, **kwargs):
+        calls.append(fn)
+        return checkpoint(fn, *args, **kwargs)
+
+    cfg = small_config()
+    fp32, ref, rec = make_model(cfg), make_model(cfg), make_model(cfg)
+    convert_native(ref)
+    convert_native(rec)
+    apply_recompute(rec, "full", spy)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for m in (fp32, ref, rec):
+        out = m(tokens, tokens.roll(-1, 1))
+        loss = out.loss(out.n_tokens, 0.3)
+        loss.backward()
+        losses.append(loss.detach())
+    assert len(calls) == cfg.n_layers + cfg.n_mtp_layers  # every block, the MTP module's included
+    assert losses[0] != losses[1]  # it did quantise
+    assert torch.equal(losses[1], losses[2])
+    for (name, p), q in zip(ref.named_parameters(), rec.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def _te_skip_reason() -> str | None:
@@ -460,3 +504,30 @@ def test_te_linear_and_experts_track_bf16(recipe):
         assert sorted(gemms) == ["w1", "w2", "w3"] and len({id(g) for g in gemms.values()}) == 3
         assert all(g.weight0.data_ptr() == getattr(experts, n).data_ptr() for n, g in gemms.items())
 
+
+@te_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_te_recomputation_gives_the_gradients_of_no_recomputation(recompute):
+    """TE's checkpoint re-runs the forward inside the recipe's autocast, with the forward's scaling state: the same
+    FP8 operands, so the gradients of a recomputed model equal those of a plain one up to GEMM summation order."""
+    from moetrain.parallel.recompute import apply_recompute
+    from moetrain.precision.te import convert_te, te_autocast, te_checkpoint
+
+    cfg = to_job_config(compose(["model=proxy"])).model
+    models = []
+    for mode in ("none", recompute):
+        model = build_model(cfg, "meta")
+        apply_recompute(model, mode, te_checkpoint())
+        convert_te(model, "blockwise")
+        model = model.to_empty(device="cuda")
+        init_weights(model, 0)
+        models.append(model)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    for model in models:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with te_autocast("blockwise"):
+                out = model(tokens[:, :-1], tokens[:, 1:])
+            out.loss(512, 0.3).backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert q.grad is not None and _rel(q.grad, p.grad) < 1e-2, name

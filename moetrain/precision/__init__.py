@@ -67,6 +67,17 @@ class Precision:
 
             convert_native(model, self.fp8.recipe, self.fp8.pow2_scales)
 
+    def checkpoint_fn(self):
+        """The activation checkpoint recomputation runs through (see :func:`moetrain.model.layers.recomputed`):
+        Transformer Engine's for the te provider, which re-runs the forward inside the recipe's autocast with the
+        forward's FP8 scaling state; None (torch's) otherwise: the native provider's quantisers are deterministic
+        functions of their inputs, so a re-run forward computes the same values."""
+        if self.fp8 is not None and self.fp8.provider == "te":
+            from moetrain.precision.te import te_checkpoint
+
+            return te_checkpoint()
+        return None
+
     def autocast(self, amax_group=None):
         """The context every forward runs in: bf16 autocast where the compute dtype is bf16, inside TE's FP8
         autocast for the te provider (``amax_group``: the ranks that share amax statistics, delayed scaling)."""

@@ -9,6 +9,8 @@
   of the stacked Parameter (gradients flow back into the stacked weights; :class:`ExpertGemms`). Rows are padded
   per expert to the recipe's alignment (:func:`padded_rows`, :func:`padded_row_index`) once per MoE layer and
   unpadded after, since TE's FP8 grouped GEMM needs aligned ``m_splits``; one host read of the counts per layer.
+- Recomputation (``train.recompute``) runs through TE's ``te.distributed.checkpoint`` (:func:`te_checkpoint`),
+  which re-runs the forward inside the recipe's autocast with the forward's FP8 scaling state.
 - The forward runs inside TE's autocast with the recipe: ``blockwise`` = ``Float8BlockScaling`` (DeepSeek-V3's
   1x128 / 128x128), ``current`` = ``Float8CurrentScaling``, ``delayed`` = ``DelayedScaling`` (amax reduced over
   the data/expert-parallel group), ``mxfp8`` = ``MXFP8BlockScaling`` (Blackwell).
@@ -61,6 +63,14 @@ def te_autocast(recipe_name: str, amax_group=None):
     if enter is not None:  # TE >= 2.8
         return enter(enabled=True, recipe=fp8_recipe(recipe_name), amax_reduction_group=amax_group)
     return te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe(recipe_name), fp8_group=amax_group)
+
+
+def te_checkpoint():
+    """TE's activation checkpoint, called as ``torch.utils.checkpoint.checkpoint`` is by
+    :func:`moetrain.model.layers.recomputed` (``use_reentrant=False``, ``context_fn``)."""
+    import transformer_engine.pytorch.distributed as te_distributed
+
+    return te_distributed.checkpoint
 
 
 # TE's verdict on a recipe, by name: TE >= 2.9 has them at the top of transformer_engine.pytorch (``(ok, reason)``
