@@ -275,6 +275,192 @@ def test_te_plan_converts_every_gemm_the_recipe_can_tile():
 
 
 
+@pytest.mark.parametrize("align", [16, 32])
+def test_padded_rows_and_their_row_index_match_a_python_reference(align):
+    """Per expert: rows rounded up to the recipe's alignment, and each row's place in the padded layout, against a
+    loop over experts; experts without tokens, counts already aligned, and ragged ones."""
+    from moetrain.precision.te import padded_row_index, padded_rows
+
+    for counts in ([37, 0, 16, 5], [0, 0, 0], [align, 2 * align, 0, align], [1], [0, 3, 0, align + 1, 0]):
+        want_rows, want_index, start = [], [], 0
+        for c in counts:
+            padded = -(-c // align) * align
+            want_rows.append(padded)
+            want_index += range(start, start + c)
+            start += padded
+        assert padded_rows(counts, align) == want_rows
+        assert all(p % align == 0 and 0 <= p - c < align for p, c in zip(want_rows, counts))
+        index = padded_row_index(torch.tensor(counts), align, sum(counts))
+        assert index.tolist() == want_index and index.dtype == torch.long
+
+
+def test_te_rows_alignment_per_recipe():
+    """TE's FP8 grouped GEMM wants m_splits in multiples of 16 (blockwise, current, delayed), MXFP8 of 32: no more
+    (128 rows for blockwise would pad an expert of 17 tokens to 128)."""
+    from moetrain.precision.te import _ROWS, padded_rows
+
+    counts = [0, 1, 16, 17, 33]
+    assert {r: padded_rows(counts, _ROWS[r]) for r in ("blockwise", "current", "delayed", "mxfp8")} == {
+        "blockwise": [0, 16, 16, 32, 48], "current": [0, 16, 16, 32, 48], "delayed": [0, 16, 16, 32, 48],
+        "mxfp8": [0, 32, 32, 32, 64]}
+
+
+def test_te_capability_check_prefers_the_is_available_functions():
+    """TE >= 2.9 judges recipes by ``te.is_*_available(return_reason=True)`` (its ``te.fp8`` may be None); older
+    versions by ``te.fp8.check_*_support()``; a TE with neither is reported, not silently passed."""
+    from moetrain.precision.te import capability_check
+
+    new = {"is_fp8_available", "is_fp8_block_scaling_available", "is_mxfp8_available", "Linear"}
+    old = {"check_fp8_support", "check_fp8_block_scaling_support", "check_mxfp8_support", "fp8_autocast"}
+    want_new = {"blockwise": "is_fp8_block_scaling_available", "mxfp8": "is_mxfp8_available",
+                "current": "is_fp8_available", "delayed": "is_fp8_available"}
+    want_old = {"blockwise": "check_fp8_block_scaling_support", "mxfp8": "check_mxfp8_support",
+                "current": "check_fp8_support", "delayed": "check_fp8_support"}
+    for recipe in want_new:
+        assert capability_check(recipe, new, ()) == ("", want_new[recipe])
+        assert capability_check(recipe, new, old) == ("", want_new[recipe])  # both: the new one
+        assert capability_check(recipe, {"Linear"}, old) == ("fp8", want_old[recipe])
+        assert capability_check(recipe, {"Linear"}, {"fp8_autocast"}) is None
+    # A TE with only the plain FP8 check says nothing about blockwise scaling.
+    assert capability_check("blockwise", {"is_fp8_available"}, {"check_fp8_support"}) is None
+
+
+class _GroupedLinearStandIn(nn.Module):
+    """``te.GroupedLinear``'s interface in torch (``weight{e}`` [out, in]; ``forward(x, m_splits)``), holding the
+    glue to TE's contract: m_splits a list of Python ints, each a multiple of the alignment, covering every row."""
+
+    def __init__(self, n_gemms, in_features, out_features, align, device, made):
+        super().__init__()
+        self.align = align
+        for e in range(n_gemms):
+            self.register_parameter(f"weight{e}", nn.Parameter(torch.empty(out_features, in_features, device=device)))
+        made.append((self, torch.device(device)))
+
+    def forward(self, x, m_splits):
+        assert type(m_splits) is list and all(type(m) is int and m % self.align == 0 for m in m_splits), m_splits
+        assert sum(m_splits) == x.shape[0]
+        outs = [xs @ getattr(self, f"weight{e}").T for e, xs in enumerate(x.split(m_splits))]
+        return torch.cat(outs)
+
+
+def _te_experts(E=4, D=32, F=48, align=16):
+    from moetrain.precision.te import TEGroupedExperts
+
+    torch.manual_seed(0)
+    plain = GroupedExperts(E, D, F)
+    for w in (plain.w1, plain.w3, plain.w2):
+        nn.init.normal_(w, std=0.1)
+    made = []
+    te_experts = TEGroupedExperts.from_experts(plain, align, lambda n, i, o: _GroupedLinearStandIn(
+        n, i, o, align, "meta", made))
+    return plain, te_experts, made
+
+
+def _grads(experts, x, counts, dy):
+    x = x.clone().requires_grad_()
+    for w in (experts.w1, experts.w3, experts.w2):
+        w.grad = None
+    y = experts(x, counts)
+    y.backward(dy)
+    return y.detach(), x.grad, [w.grad.clone() for w in (experts.w1, experts.w3, experts.w2)]
+
+
+def test_te_experts_glue_equals_the_plain_experts_with_one_host_read():
+    """TEGroupedExperts' padding, per-weight modules and weight views, with a torch stand-in for te.GroupedLinear:
+    outputs and gradients equal the plain experts' (zero padding rows add nothing), one ``.tolist()`` per call."""
+    from moetrain.host_syncs import HostSyncCounter
+
+    plain, te_experts, made = _te_experts()
+    assert te_experts.w1 is plain.w1  # the same Parameters
+    counts = torch.tensor([37, 0, 16, 5])  # ragged, no tokens, already aligned
+    x, dy = torch.randn(58, 32), torch.randn(58, 32)
+    with HostSyncCounter() as syncs:
+        got = _grads(te_experts, x, counts, dy)
+    assert syncs.total == 1 and syncs.by_op == {"tolist": 1}, syncs.by_op
+    want = _grads(plain, x, counts, dy)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert got[2][0][1].abs().sum() == 0  # expert 1 saw no tokens
+
+
+def test_te_experts_one_module_per_weight_built_on_meta_with_views_set_once():
+    plain, te_experts, made = _te_experts()
+    counts = torch.tensor([3, 20, 0, 9])
+    x = torch.randn(32, 32)
+    with torch.no_grad():  # views first made without grad must still carry gradients later
+        te_experts(x, counts)
+    gemms = te_experts.gemms.modules
+    assert sorted(gemms) == ["w1", "w2", "w3"] and len({id(m) for m in gemms.values()}) == 3
+    assert [d.type for _, d in made] == ["meta"] * 3 and {id(m) for m, _ in made} == {id(m) for m in gemms.values()}
+    for name, gemm in gemms.items():
+        w = getattr(plain, name)
+        for e in range(4):  # each expert's weight is a view of the stacked Parameter, at its place
+            v = getattr(gemm, f"weight{e}")
+            assert v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() and v.shape == w.shape[1:]
+            assert v.data_ptr() == w.data_ptr() + e * w.stride(0) * w.element_size()
+    views = {n: g._parameters["weight0"] for n, g in gemms.items()}
+    dy = torch.randn(32, 32)
+    got = _grads(te_experts, x, counts, dy)
+    assert all(g._parameters["weight0"] is views[n] for n, g in gemms.items())  # not set again
+    want = _grads(plain, x, counts, dy)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # New storage under the same Parameter (as a reshard that reallocates): the views follow it.
+    plain.w2.data = plain.w2.data * 2
+    got = _grads(te_experts, x, counts, dy)
+    assert gemms["w2"]._parameters["weight0"] is not views["w2"]
+    assert gemms["w1"]._parameters["weight0"] is views["w1"]
+    torch.testing.assert_close(got[0], _grads(plain, x, counts, dy)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_te_fp8_with_recomputation_is_accepted_but_not_with_split_backward(recompute):
+    job = to_job_config(compose(["precision=fp8", "precision.fp8.provider=te", f"train.recompute={recompute}"]))
+    assert job.train.recompute == recompute and job.precision.fp8.provider == "te"
+    pp = ["parallel.pp=2", "parallel.dp=1", "parallel.pp_schedule=ZBVZeroBubble", "parallel.pp_chunks=2",
+          "train.global_batch_size=8", "train.micro_batch_size=1"]
+    job = to_job_config(compose(["precision=fp8", "precision.fp8.provider=te", "train.recompute=none", *pp]), 2)
+    assert job.parallel.pp_schedule == "ZBVZeroBubble"  # the layout itself is valid
+    with pytest.raises(ConfigError, match="train.recompute"):
+        to_job_config(compose(["precision=fp8", "precision.fp8.provider=te", f"train.recompute={recompute}", *pp]), 2)
+
+
+def test_native_fp8_with_full_recomputation_gives_the_same_gradients():
+    """The native quantisers are deterministic functions of their inputs: the recomputed forward quantises the same
+    fp32 values to the same E4M3 values, so gradients agree to fp32's summation-order noise (the bound of
+    tests/test_train.py's recomputation test); the recomputation runs through the checkpoint function given."""
+    from conftest import make_model, small_config
+    from torch.utils.checkpoint import checkpoint
+
+    from moetrain.parallel.recompute import apply_recompute
+
+    calls = []
+
+    def spy(fn, *args, **kwargs):
+        calls.append(fn)
+        return checkpoint(fn, *args, **kwargs)
+
+    cfg = small_config()
+    fp32, ref, rec = make_model(cfg), make_model(cfg), make_model(cfg)
+    convert_native(ref)
+    convert_native(rec)
+    apply_recompute(rec, "full", spy)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for m in (fp32, ref, rec):
+        out = m(tokens, tokens.roll(-1, 1))
+        loss = out.loss(out.n_tokens, 0.3)
+        loss.backward()
+        losses.append(loss.detach())
+    assert len(calls) == cfg.n_layers + cfg.n_mtp_layers  # every block, the MTP module's included
+    assert losses[0] != losses[1]  # it did quantise
+    assert torch.equal(losses[1], losses[2])
+    for (name, p), q in zip(ref.named_parameters(), rec.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def _te_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "Transformer Engine tests need a CUDA GPU (none here)"
@@ -313,6 +499,39 @@ def test_te_linear_and_experts_track_bf16(recipe):
         out.loss(512, 0.3).backward()
     for (name, p), q in zip(ref.named_parameters(), fp8.parameters()):
         assert q.grad is not None and _rel(q.grad, p.grad) < 0.15, name
+
+    for experts in (m for m in fp8.modules() if isinstance(m, TEGroupedExperts)):  # one GroupedLinear per weight
+        gemms = experts.gemms.modules
+        assert sorted(gemms) == ["w1", "w2", "w3"] and len({id(g) for g in gemms.values()}) == 3
+        assert all(g.weight0.data_ptr() == getattr(experts, n).data_ptr() for n, g in gemms.items())
+
+
+@te_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_te_recomputation_gives_the_gradients_of_no_recomputation(recompute):
+    """TE's checkpoint re-runs the forward inside the recipe's autocast, with the forward's scaling state: the same
+    FP8 operands, so the gradients of a recomputed model equal those of a plain one up to GEMM summation order."""
+    from moetrain.parallel.recompute import apply_recompute
+    from moetrain.precision.te import convert_te, te_autocast, te_checkpoint
+
+    cfg = to_job_config(compose(["model=proxy"])).model
+    models = []
+    for mode in ("none", recompute):
+        model = build_model(cfg, "meta")
+        apply_recompute(model, mode, te_checkpoint())
+        convert_te(model, "blockwise")
+        model = model.to_empty(device="cuda")
+        init_weights(model, 0)
+        models.append(model)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    for model in models:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with te_autocast("blockwise"):
+                out = model(tokens[:, :-1], tokens[:, 1:])
+            out.loss(512, 0.3).backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert q.grad is not None and _rel(q.grad, p.grad) < 1e-2, name
 
 
 @pytest.mark.gpu

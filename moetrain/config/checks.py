@@ -13,6 +13,9 @@ from dataclasses import fields, is_dataclass
 from moetrain.config.schema import DP_STRATEGIES, ZERO_STAGES, JobConfig, ModelConfig, ParallelConfig, TrainConfig
 from moetrain.model.config import require
 
+# Pipeline schedules that split each backward into an input pass and a weight pass.
+SPLIT_BACKWARD_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+
 
 def validate_job(job: JobConfig, world_size: int = 1) -> JobConfig:
     """Every check of ``job`` for ``world_size`` ranks; derives train.grad_accum_steps. Returns ``job``."""
@@ -99,7 +102,7 @@ def check_pipeline(parallel: ParallelConfig, model: ModelConfig, train: TrainCon
     if train.batch_ramp_start:  # the ramp steps through every multiple of micro_batch_size * dp
         for m in range(train.batch_ramp_start // unit, train.global_batch_size // unit):
             spec.check_microbatches(m, parallel.pp, chunks, "train.batch_ramp_start")
-    require(not (train.compile and spec.name in ("ZBVZeroBubble", "DualPipeV")), "train.compile",
+    require(not (train.compile and spec.name in SPLIT_BACKWARD_SCHEDULES), "train.compile",
             f"{spec.name} splits backward into input and weight passes, which torch does not run through "
             "compiled blocks; use train.compile=false or another parallel.pp_schedule")
 
@@ -108,10 +111,14 @@ def _check_fp8_combinations(job: JobConfig) -> None:
     """What the Transformer Engine provider is not (yet) run with: refused before launch, with the reason."""
     if job.precision.dtype != "fp8" or job.precision.fp8.provider != "te":
         return
-    # NOTE: torch's non-reentrant checkpoint re-runs the forward in backward outside TE's FP8 autocast.
-    require(job.train.recompute == "none", "train.recompute",
-            f"{job.train.recompute} recomputation re-runs forwards outside Transformer Engine's FP8 autocast; "
-            "use train.recompute=none with precision.fp8.provider=te, or the native provider")
+    # Recomputation runs through TE's own checkpoint (Precision.checkpoint_fn), which re-runs the forward inside
+    # the recipe's autocast with the forward's scaling state. NOTE: its non-reentrant form hands each recomputed
+    # activation out once, and a schedule that splits backward into input and weight passes asks twice.
+    split_backward = job.parallel.pp > 1 and job.parallel.pp_schedule in SPLIT_BACKWARD_SCHEDULES
+    require(job.train.recompute == "none" or not split_backward, "train.recompute",
+            f"{job.train.recompute} recomputation with precision.fp8.provider=te is not run with "
+            f"{job.parallel.pp_schedule}, whose split backward recomputes each block twice (Transformer Engine's "
+            "checkpoint recomputes once); use train.recompute=none or another parallel.pp_schedule")
     # TE's delayed scaling must see each module once per autocast region; a pipeline step runs many.
     require(job.precision.fp8.recipe != "delayed" or job.parallel.pp == 1, "precision.fp8.recipe",
             f"delayed scaling is not run with pipeline stages (parallel.pp={job.parallel.pp}); use blockwise or "

@@ -46,12 +46,14 @@ def _recompute_contexts():
 
 
 @torch.compiler.disable(recursive=False)  # dynamo cannot trace a custom context_fn; fn itself still compiles
-def recomputed(fn, *args):
+def recomputed(fn, *args, checkpoint_fn=None):
     """``fn(*args)`` keeping only its inputs; backward re-runs it with :func:`is_recomputing` true.
 
     Every activation recomputation of the model goes through here (wrappers applied from outside must do the same).
+    ``checkpoint_fn``: called as ``torch.utils.checkpoint.checkpoint`` (the default) is, with ``use_reentrant=False``
+    and ``context_fn``; a precision provider may supply its own (Transformer Engine's restores its FP8 state).
     """
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
+    return (checkpoint_fn or checkpoint)(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
 
 
 class RMSNorm(nn.Module):
@@ -62,10 +64,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
         self.recompute = False  # set by moetrain.parallel.recompute (selective): keep no fp32 intermediates
+        self.checkpoint_fn = None  # set with it: recomputed()'s checkpoint_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute and torch.is_grad_enabled():
-            return recomputed(self._norm, x)
+            return recomputed(self._norm, x, checkpoint_fn=self.checkpoint_fn)
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:

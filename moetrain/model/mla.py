@@ -39,6 +39,7 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)
         # Selective recomputation (set from outside): keep only the latents, redo up-projections and attention.
         self.recompute_up_proj = False
+        self.checkpoint_fn = None  # set with it: recomputed()'s checkpoint_fn
 
     def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """attn_mask: None for plain causal attention, else bool [B, 1, T, T] (True = attend), e.g. per document."""
@@ -46,7 +47,7 @@ class MLA(nn.Module):
         q_in = x_BTD if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x_BTD))
         kv_c, k_pe = self.wkv_a(x_BTD).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.recompute_up_proj and torch.is_grad_enabled():
-            o = recomputed(self._attend, q_in, kv_c, k_pe, freqs_cis, attn_mask)
+            o = recomputed(self._attend, q_in, kv_c, k_pe, freqs_cis, attn_mask, checkpoint_fn=self.checkpoint_fn)
         else:
             o = self._attend(q_in, kv_c, k_pe, freqs_cis, attn_mask)
         return self.wo(o)

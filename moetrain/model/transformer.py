@@ -39,10 +39,11 @@ class Block(nn.Module):
         is_dense = layer_id < cfg.moe.first_k_dense_replace
         self.ffn = MLP(cfg.dim, cfg.inter_dim) if is_dense else MoE(layer_id, cfg)
         self.recompute = False  # full recomputation (set from outside): keep only the block's input
+        self.checkpoint_fn = None  # set with it: recomputed()'s checkpoint_fn
 
     def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor, attn_mask: torch.Tensor | None = None):
         if self.recompute and torch.is_grad_enabled():
-            return recomputed(self._forward, x_BTD, freqs_cis, attn_mask)
+            return recomputed(self._forward, x_BTD, freqs_cis, attn_mask, checkpoint_fn=self.checkpoint_fn)
         return self._forward(x_BTD, freqs_cis, attn_mask)
 
     def _forward(self, x_BTD, freqs_cis, attn_mask):

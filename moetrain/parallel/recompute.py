@@ -14,10 +14,14 @@ from moetrain.model.mla import MLA
 from moetrain.model.transformer import Block
 
 
-def apply_recompute(model: nn.Module, mode: str) -> None:
+def apply_recompute(model: nn.Module, mode: str, checkpoint_fn=None) -> None:
+    """``checkpoint_fn``: the precision's checkpoint function (:meth:`moetrain.precision.Precision.checkpoint_fn`),
+    None for torch's."""
     if mode not in ("none", "selective", "full"):
         raise ValueError(f"train.recompute: must be none, selective or full, got {mode!r}")
     for m in model.modules():
+        if isinstance(m, (Block, RMSNorm, MLA)):
+            m.checkpoint_fn = checkpoint_fn
         if isinstance(m, Block):
             m.recompute = mode == "full"
         elif isinstance(m, RMSNorm):

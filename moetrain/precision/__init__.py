@@ -73,6 +73,17 @@ class Precision:
 
             convert_native(model, self.fp8.recipe, self.fp8.pow2_scales)
 
+    def checkpoint_fn(self):
+        """The activation checkpoint recomputation runs through (see :func:`moetrain.model.layers.recomputed`):
+        Transformer Engine's for the te provider, which re-runs the forward inside the recipe's autocast with the
+        forward's FP8 scaling state; None (torch's) otherwise: the native provider's quantisers are deterministic
+        functions of their inputs, so a re-run forward computes the same values."""
+        if self.fp8 is not None and self.fp8.provider == "te":
+            from moetrain.precision.te import te_checkpoint
+
+            return te_checkpoint()
+        return None
+
     def autocast(self, amax_group=None):
         """The context every forward runs in: bf16 autocast where the compute dtype is bf16, inside TE's FP8
         autocast for the te provider (``amax_group``: the ranks that share amax statistics, delayed scaling)."""
@@ -104,12 +115,7 @@ def _fp8_unavailable(provider: str, recipe: str, device: torch.device) -> str | 
     except ImportError as e:
         return (f"Transformer Engine is not installed ({e}); pip install 'moetrain[gpu]', or use "
                 "precision.fp8.provider=native")
-    # TE's own verdict (GPU, driver, cuBLAS), where this TE version has one.
-    check = {"blockwise": "check_fp8_block_scaling_support", "mxfp8": "check_mxfp8_support"}.get(recipe,
-                                                                                                "check_fp8_support")
-    fn = getattr(getattr(te, "fp8", None), check, None)
-    if fn is not None:
-        ok, why = fn()
-        if not ok:
-            return f"Transformer Engine cannot run the {recipe} recipe here: {why}; use precision=bf16"
-    return None
+    from moetrain.precision.te import te_unavailable
+
+    reason = te_unavailable(te, recipe)  # TE's own verdict (GPU, driver, cuBLAS)
+    return None if reason is None else f"{reason}; use precision=bf16"
