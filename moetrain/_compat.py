@@ -93,6 +93,7 @@ def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
+@torch.compiler.disable  # a compiled block (train.compile) runs it eagerly: CPU's compiled flex has no backward
 def flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale: float):
     """FlexAttention's eager reference (dense scores, the BlockMask's mask_mod applied to every pair), forward and
     backward, off CUDA.
