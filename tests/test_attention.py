@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import make_model, small_config, small_job
 from moetrain.config import ConfigError
 from moetrain.data.loader import document_positions
+from moetrain.host_syncs import HostSyncCounter
 from moetrain.model import ModelConfig, RopeConfig
 from moetrain.model.attention import (BLOCK, attend, attention_mask, block_mask, describe_backend,
                                       document_causal_mask, resolve_backend)
@@ -146,15 +147,17 @@ class _LargestOutput(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("documents", [False, True])
-def test_flex_mask_builds_no_T_by_T_tensor(documents):
-    """What the model builds per micro-batch under the flex backend (on CUDA as here) stays O(B T + B N^2)."""
+def test_flex_mask_builds_no_T_by_T_tensor_and_reads_no_device_value(documents):
+    """What the model builds per micro-batch under the flex backend (on CUDA as here) stays O(B T + B N^2), and
+    the GPU never waits for the host over it."""
     B, T = 2, 4096
     doc_ids = _doc_ids(T, [1000, 2500], [7, 4000]) if documents else None
-    with _LargestOutput() as seen:
+    with _LargestOutput() as seen, HostSyncCounter() as syncs:
         mask = attention_mask("flex", doc_ids, T, CPU)
     assert isinstance(mask, BlockMask)
     n = T // BLOCK
     assert seen.largest <= max(B * T, B * n * n) < T * T
+    assert syncs.total == 0, syncs.by_op
 
 
 def _model_loss_and_grads(cfg: ModelConfig, tokens, doc_ids, positions, recompute: bool):
