@@ -2,7 +2,8 @@
 
 Queries: ``wq`` (no compression) or ``wq_b(q_norm(wq_a x))``; keys/values come from one shared latent
 ``c_kv = kv_norm(wkv_a x)[:kv_lora_rank]`` expanded per head by ``wkv_b``; the decoupled rotary key ``k_pe`` is
-the last ``qk_rope_head_dim`` outputs of ``wkv_a`` and is shared by all heads.
+the last ``qk_rope_head_dim`` outputs of ``wkv_a`` and is shared by all heads. The attention core itself (SDPA or
+FlexAttention, per ``model.attn.backend``) is :mod:`moetrain.model.attention`'s.
 
 Shapes: B batch, T tokens, D model dim, H heads, C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim,
 V v_head_dim.
