@@ -22,7 +22,6 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from moetrain._compat import flex_attention_eager
 
-BACKENDS = ("auto", "sdpa", "flex")
 BLOCK = 128  # FlexAttention's default tile (queries and keys), which its CUDA kernels are tuned for
 
 AttnMask = torch.Tensor | BlockMask | None
