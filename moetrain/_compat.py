@@ -15,6 +15,8 @@ Checked on torch 2.13.0 (CPU, gloo) and 2.11 (CUDA 13, the lent GPU machine's):
 - ``torch.utils._python_dispatch.TorchDispatchMode``: the host-sync counter (moetrain.host_syncs).
 - ``PipelineStage._prepare_forward_infra`` / ``_prepare_backward_infra``: overridden by the pipeline's timed
   stage so that shape inference counts no tokens (:data:`PIPELINE_SHAPE_INFERENCE`, checked at import there).
+- ``torch._higher_order_ops.flex_attention.flex_attention`` and ``flex_attention._apply_kernel_options``:
+  FlexAttention off CUDA with gradients (:func:`flex_attention_eager`; CPU only, checked on 2.13).
 """
 
 from __future__ import annotations
@@ -85,3 +87,25 @@ def require_methods(cls: type, names: tuple[str, ...]) -> None:
     if missing:
         raise ImportError(f"torch {torch.__version__}: {cls.__name__} has no {', '.join(missing)} (moetrain checked "
                           "its overrides on torch 2.13; see moetrain/_compat.py)")
+
+
+def _identity_score(score, b, h, q_idx, kv_idx):
+    return score
+
+
+@torch.compiler.disable  # a compiled block (train.compile) runs it eagerly: CPU's compiled flex has no backward
+def flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale: float):
+    """FlexAttention's eager reference (dense scores, the BlockMask's mask_mod applied to every pair), forward and
+    backward, off CUDA.
+
+    NOTE: torch 2.13's public ``flex_attention`` refuses inputs that require grad on CPU, eager or compiled
+    ("FlexAttention does not support backward on CPU"); the operator it calls has an eager autograd reference
+    that runs on CPU, so CPU tests (and CPU runs with model.attn.backend=flex) get gradients through it.
+    """
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
+    from torch.nn.attention.flex_attention import _apply_kernel_options
+
+    options = _apply_kernel_options(q_BHTK, k_BHTK, v_BHTV, False, None, None)
+    out, _lse, _max = flex_attention_op(q_BHTK, k_BHTK, v_BHTV, _identity_score, block_mask.as_tuple(), scale,
+                                        options)
+    return out

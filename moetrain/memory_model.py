@@ -5,8 +5,9 @@ inputs a recomputed region keeps), per token, so that a micro-batch of ``n`` tok
 ``benchmarks/recompute.py`` measures the same quantity (bytes allocated by the forward and still alive after it)
 and ``tests/test_memory_model.py`` holds the two within 15% of each other. Assumptions, each a real limit:
 
-- attention runs a fused kernel that keeps q, k, v, the output and a log-sum-exp (flash / memory-efficient SDPA),
-  not the T x T probabilities (the math fallback, used on CPU with a document mask, keeps those);
+- attention runs a fused kernel that keeps q, k, v, the output and a log-sum-exp (flash / memory-efficient SDPA,
+  compiled FlexAttention), not the T x T probabilities (SDPA's math fallback, used on CPU with a document mask,
+  and FlexAttention's CPU reference keep those);
 - routed experts receive ``K`` copies of each token, balanced; under expert parallelism the received copies are
   the ones kept, the same count on average;
 - ``a`` is the compute dtype's size (2 for bf16, 4 for fp32); RMSNorm statistics, the router and the loss stay

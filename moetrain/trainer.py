@@ -26,7 +26,7 @@ from moetrain.data import Blend, DataLoader, build_sources
 from moetrain.data.loader import read_batches
 from moetrain.errors import TrainingDiverged
 from moetrain.metrics import MetricsLogger, log_text, memory_gb
-from moetrain.model.mla import sdpa_backend
+from moetrain.model.attention import describe_backend
 from moetrain.moe_stats import MoEStats
 from moetrain.optim import build_optimizer, set_lr
 from moetrain.parallel.dist import DistInfo, init_distributed
@@ -93,8 +93,8 @@ class Trainer:
                  f"{self.runner.describe()} on {name}{_kernels_note(self.device)}, compute {self.precision}, "
                  f"{sum(r[1] - r[0] for r in self.sources.train_ranges)} training samples of {job.train.seq_len} "
                  f"tokens{'' if entropy is None else f' (unigram entropy {entropy:.3f} nats)'}; run dir {self.run_dir}")
-        backend = sdpa_backend(job.model, self.device, self.precision.compute_dtype, job.train.seq_len,
-                               job.data.document_mask)
+        backend = describe_backend(job.model, self.device, self.precision.compute_dtype, job.train.seq_len,
+                                   job.data.document_mask)
         self.log(f"attention: {backend}")
 
     def _build_sources(self):

@@ -169,6 +169,22 @@ def test_resume_with_another_architecture_names_the_key(tmp_path):
         trainer.resume_or_init()
 
 
+def test_attention_backend_is_no_architecture():
+    """Checkpoints move between model.attn.backend values, and those saved before the key existed still resume."""
+    import dataclasses
+
+    from moetrain.checkpoint.resume import architecture_mismatch
+    from conftest import small_config
+
+    saved = dataclasses.asdict(small_config())
+    del saved["attn"]["backend"]
+    current = small_config()
+    current.attn.backend = "flex"
+    assert architecture_mismatch(saved, current) is None
+    current.attn.v_head_dim = 16
+    assert architecture_mismatch(saved, current) == "model.attn.v_head_dim"
+
+
 def test_checkpoint_with_nested_optimizer_state_still_resumes(tmp_path):
     """Checkpoints saved before the optimizer state was flattened per parameter name (and DeepSpeed's, which is
     nested) store the same ``optim.state.<name>.<key>`` items: they resume with every Adam state intact."""

@@ -44,6 +44,7 @@ def test_unknown_preset_is_named():
     (lambda c: setattr(c.moe.router, "scoring_func", "relu"), "model.moe.router.scoring_func"),
     (lambda c: setattr(c.moe, "first_k_dense_replace", 9), "model.moe.first_k_dense_replace"),
     (lambda c: setattr(c.rope, "scaling", "ntk"), "model.rope.scaling"),
+    (lambda c: setattr(c.attn, "backend", "flash"), "model.attn.backend"),
 ])
 def test_bad_config_names_the_field(mutate, key):
     cfg = small_config()

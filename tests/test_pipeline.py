@@ -75,6 +75,14 @@ def test_pp2_zero_bubble_with_mtp2_and_document_mask_matches_one_process(tmp_pat
     _check_pipeline_run(tmp_path, records, ref_deep, 2)
 
 
+def test_pp2_zero_bubble_with_flex_attention_matches_sdpa_one_process(tmp_path, ref_deep):
+    # The stages build FlexAttention block masks from the document ids they receive; the reference runs SDPA.
+    records = _train(tmp_path, 2, "parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "model.attn.backend=flex",
+                     *DEEP)
+    _check_pipeline_run(tmp_path, records, ref_deep, 2)
+    assert "attention: flex (FlexAttention" in (tmp_path / "train.log").read_text()
+
+
 def test_pp4_1f1b_matches_one_process(tmp_path, ref):
     records = _train(tmp_path, 4, "parallel.pp=4", "parallel.pp_schedule=1F1B")
     _check_pipeline_run(tmp_path, records, ref, 4)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from moetrain.model import ConfigError
 
 # Training choices stored in the model config that do not change the weights.
-_NOT_ARCHITECTURE = ("init_std", "max_seq_len", "balance_loss_alpha", "grouped_mm")
+_NOT_ARCHITECTURE = ("init_std", "max_seq_len", "balance_loss_alpha", "grouped_mm", "backend")
 
 
 def architecture_mismatch(saved: dict, current, ignore: tuple[str, ...] = ()) -> str | None:

@@ -56,6 +56,8 @@ class MLAConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    # The attention core (moetrain.model.attention): auto (flex on CUDA, sdpa elsewhere) | sdpa | flex.
+    backend: str = "auto"
 
     @property
     def qk_head_dim(self) -> int:
@@ -65,6 +67,8 @@ class MLAConfig:
         for name in ("n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             require(getattr(self, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
         require(self.q_lora_rank >= 0, f"{prefix}.q_lora_rank", "must be >= 0 (0 = no query compression)")
+        require(self.backend in ("auto", "sdpa", "flex"), f"{prefix}.backend",
+                f"must be auto, sdpa or flex, got {self.backend!r}")
         require(self.qk_rope_head_dim % 2 == 0, f"{prefix}.qk_rope_head_dim",
                  f"rotary dims come in pairs, got odd {self.qk_rope_head_dim}")
 

@@ -2,7 +2,8 @@
 
 Queries: ``wq`` (no compression) or ``wq_b(q_norm(wq_a x))``; keys/values come from one shared latent
 ``c_kv = kv_norm(wkv_a x)[:kv_lora_rank]`` expanded per head by ``wkv_b``; the decoupled rotary key ``k_pe`` is
-the last ``qk_rope_head_dim`` outputs of ``wkv_a`` and is shared by all heads.
+the last ``qk_rope_head_dim`` outputs of ``wkv_a`` and is shared by all heads. The attention core itself (SDPA or
+FlexAttention, per ``model.attn.backend``) is :mod:`moetrain.model.attention`'s.
 
 Shapes: B batch, T tokens, D model dim, H heads, C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim,
 V v_head_dim.
@@ -11,9 +12,9 @@ V v_head_dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moetrain.model.attention import AttnMask, attend
 from moetrain.model.config import ModelConfig
 from moetrain.model.layers import RMSNorm, recomputed
 from moetrain.model.rope import apply_rope, softmax_scale
@@ -41,8 +42,9 @@ class MLA(nn.Module):
         self.recompute_up_proj = False
         self.checkpoint_fn = None  # set with it: recomputed()'s checkpoint_fn
 
-    def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """attn_mask: None for plain causal attention, else bool [B, 1, T, T] (True = attend), e.g. per document."""
+    def forward(self, x_BTD: torch.Tensor, freqs_cis: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
+        """attn_mask (from :func:`moetrain.model.attention.attention_mask`): None for causal SDPA, a bool
+        [B, 1, T, T] (True = attend) for SDPA per document, or a FlexAttention BlockMask."""
         # Down-projections to the latents; everything after them is cheap to recompute from the latents.
         q_in = x_BTD if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x_BTD))
         kv_c, k_pe = self.wkv_a(x_BTD).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -65,40 +67,6 @@ class MLA(nn.Module):
 
         q_BHTK = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k_BHTK = torch.cat([k_nope, k_pe_BT1R.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        # NOTE: v_head_dim may differ from qk_head_dim; SDPA's math/efficient backends accept that.
-        o_BHTV = F.scaled_dot_product_attention(
-            q_BHTK, k_BHTK, v_BTHV.transpose(1, 2),
-            attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale)
+        o_BHTV = attend(q_BHTK, k_BHTK, v_BTHV.transpose(1, 2), attn_mask, self.softmax_scale)
         return o_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)
 
-
-def document_causal_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
-    """bool [B, 1, T, T]: token i attends to j iff j <= i and both belong to the same packed document."""
-    T = doc_ids_BT.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
-    same_doc = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
-    return (causal & same_doc).unsqueeze(1)
-
-
-def sdpa_backend(cfg, device: torch.device, dtype: torch.dtype, seq_len: int, document_mask: bool) -> str:
-    """Which of SDPA's kernels MLA's attention gets at these shapes (the first that can run, in SDPA's order):
-    for the startup log, because MLA's head dims (192 for q/k, 128 for v) and dense document masks can keep it
-    off flash attention."""
-    if device.type != "cuda":
-        return f"{device.type} (SDPA's {device.type} kernels)"
-    from torch.backends import cuda
-
-    a = cfg.attn
-    q = torch.empty(1, a.n_heads, seq_len, a.qk_nope_head_dim + a.qk_rope_head_dim, device=device, dtype=dtype)
-    v = torch.empty(1, a.n_heads, seq_len, a.v_head_dim, device=device, dtype=dtype)
-    mask = torch.empty(1, 1, seq_len, seq_len, device=device, dtype=torch.bool) if document_mask else None
-    try:
-        params = cuda.SDPAParams(q, q, v, mask, 0.0, mask is None, False)
-    except TypeError as e:  # the signature follows the torch version
-        return f"unknown ({e})"
-    for name, check in (("cudnn", "can_use_cudnn_attention"), ("flash", "can_use_flash_attention"),
-                        ("memory-efficient", "can_use_efficient_attention")):
-        fn = getattr(cuda, check, None)
-        if fn is not None and fn(params, False):
-            return name
-    return "math (no fused kernel accepts these shapes)"

@@ -20,7 +20,8 @@ from torch import nn
 from moetrain._compat import register_pytree_dataclass
 from moetrain.model.config import ModelConfig
 from moetrain.model.layers import MLP, RMSNorm, recomputed, uninitialised
-from moetrain.model.mla import MLA, document_causal_mask
+from moetrain.model.attention import attention_mask
+from moetrain.model.mla import MLA
 from moetrain.model.moe import MoE
 from moetrain.model.rope import precompute_freqs_cis
 
@@ -151,7 +152,8 @@ class Transformer(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         freqs_cis = self.freqs_cis[:T] if position_ids_BT is None else self.freqs_cis[position_ids_BT]
-        attn_mask = None if doc_ids_BT is None else document_causal_mask(doc_ids_BT)
+        # One mask per micro-batch, shared by every block and MTP module (a BlockMask under model.attn.backend=flex).
+        attn_mask = attention_mask(self.cfg.attn.backend, doc_ids_BT, T, x.device)
         h = self.embed(x) if self.is_first else x
         for block in self.layers.values():
             h = block(h, freqs_cis, attn_mask)
