@@ -4,10 +4,10 @@ One process; each precision trains ``--steps`` steps from the same initialisatio
 shipped demo text (learnable, unlike the synthetic data, so the losses say something).
 Prints step time (median after warm-up) as a ratio to bf16, and the final losses (mean of the last 10 steps)
 beside bf16's. Every precision asked for (--only) must run: one that fails is recorded with its error and the exit
-status is 1. ``--plan`` takes benchmarks/preflight.py's verdict instead: its runnable rows are asked for, and
-the rows it ruled out (no TE, no Hopper GPU) are listed as skipped with its reason, not attempted.
+status is 1. Without --only, the rows are those benchmarks/preflight.py allows here (``--plan``: its saved
+verdict); the rows it rules out (no TE, no Hopper GPU) are listed as skipped with its reason, not attempted.
 
-    python benchmarks/fp8_step.py --only bf16 "fp8 native blockwise"   # CPU: bf16 vs native (emulated GEMMs)
+    python benchmarks/fp8_step.py                                      # CPU: bf16 vs native (emulated GEMMs)
     python benchmarks/fp8_step.py --size proxy_1gpu --batch 2 --seq 4096 --plan OUT/preflight.json   # one GPU
 """
 
@@ -67,7 +67,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--only", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS), help="precisions to run")
+    p.add_argument("--only", nargs="*", default=None, choices=list(PRECISIONS), help="precisions to run")
     p.add_argument("--plan", default=None, help="benchmarks/preflight.py's JSON: run its fp8_run, skip its fp8_skipped")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -76,6 +76,10 @@ def main() -> int:
         with open(args.plan) as f:
             plan = json.load(f)
         args.only, skipped = plan["fp8_run"], plan["fp8_skipped"]
+    elif args.only is None:
+        from preflight import fp8_rows
+
+        args.only, skipped = fp8_rows("cuda" if torch.cuda.is_available() else "cpu")
 
     common = [f"model={args.size}", "data=demo", f"train.seq_len={args.seq}", f"model.max_seq_len={max(args.seq, 256)}",
               f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",

@@ -27,7 +27,6 @@ MIN_TRANSFORMERS = (4, 56)  # pyproject.toml's dev extra: the first with Deepsee
 CONFIG_MODULES = {"hydra": "hydra-core", "omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime"}
 WHEELS_HINT = "not importable; on the GPU machine carry .whl (made here by `bash benchmarks/gpu_wheels.sh`)"
 TE_ROWS = {"fp8 te blockwise": "blockwise", "fp8 te current": "current"}
-ALWAYS_ROWS = ["bf16", "fp8 native blockwise"]
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -80,27 +79,35 @@ def check(cpu: bool) -> dict:
                                                                    f"{'.'.join(map(str, MIN_TRANSFORMERS))})"))
     train, why = _import("moetrain.train")
     record("moetrain", train is not None, train.__file__ if train else why)
-    verdict = {"ok": all(c["ok"] for c in checks.values()), "checks": checks, "fp8_run": list(ALWAYS_ROWS),
-               "fp8_skipped": {}}
+    verdict = {"ok": all(c["ok"] for c in checks.values()), "checks": checks, "fp8_run": [], "fp8_skipped": {}}
     if train is not None and checks.get("torch", {}).get("ok"):
-        _plan_te_rows(verdict, torch, cpu)
+        _record_fp8_rows(verdict, torch, cpu)
     return verdict
 
 
-def _plan_te_rows(verdict: dict, torch, cpu: bool) -> None:
-    """The TE rows that can run here, by the check the Trainer itself refuses FP8 by."""
-    from moetrain.precision import _fp8_unavailable
-
-    device = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
+def _record_fp8_rows(verdict: dict, torch, cpu: bool) -> None:
     te, why = _import("transformer_engine")
     verdict["checks"]["transformer_engine"] = {"ok": True, "optional": True,
                                                "detail": getattr(te, "__version__", "?") if te else f"absent ({why})"}
+    device = "cpu" if cpu or not torch.cuda.is_available() else "cuda"
+    verdict["fp8_run"], verdict["fp8_skipped"] = fp8_rows(device)
+
+
+def fp8_rows(device: str) -> tuple[list[str], dict[str, str]]:
+    """(rows of benchmarks/fp8_step.py that can run on ``device``, {row ruled out: why}), by the check the Trainer
+    itself refuses FP8 by."""
+    import torch
+
+    from moetrain.precision import _fp8_unavailable
+
+    run, skipped = ["bf16"], {}
     for row, recipe in TE_ROWS.items():
-        reason = _fp8_unavailable("te", recipe, device)
+        reason = _fp8_unavailable("te", recipe, torch.device(device))
         if reason is None:
-            verdict["fp8_run"].insert(-1, row)
+            run.append(row)
         else:
-            verdict["fp8_skipped"][row] = reason
+            skipped[row] = reason
+    return run + ["fp8 native blockwise"], skipped
 
 
 def _gpu_lines() -> list[str]:
