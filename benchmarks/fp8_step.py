@@ -14,6 +14,7 @@ verdict); the rows it rules out (no TE, no Hopper GPU) are listed as skipped wit
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -92,9 +93,11 @@ def main() -> int:
             traceback.print_exc()
             rows.append({"precision": name, "failed": f"{type(e).__name__}: {e}"[:400]})
             failed.append(name)
+            continue
+        finally:  # NOTE: the last Trainer's reference cycles would hold its GPU memory into the next row's
+            gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            continue
         step = statistics.median(times[3:] or times)
         final = sum(losses[-10:]) / len(losses[-10:])
         if base is None:

@@ -158,7 +158,8 @@ def run_one(args) -> dict:
 def run_both(args) -> int:
     """Each implementation in a child process; the rows side by side. Non-zero if either failed."""
     argv = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-            "--rounds", str(args.rounds), "--sync-steps", str(args.sync_steps), *(["--compile"] if args.compile else [])]
+            "--rounds", str(args.rounds), "--sync-steps", str(args.sync_steps)]
+    argv += ["--compile"] if args.compile else []
     rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for impl in IMPLS:
