@@ -71,6 +71,7 @@ def main() -> int:
     p.add_argument("--only", nargs="*", default=None, choices=list(PRECISIONS), help="precisions to run")
     p.add_argument("--plan", default=None, help="benchmarks/preflight.py's JSON: run its fp8_run, skip its fp8_skipped")
     p.add_argument("--json", default=None)
+    p.add_argument("overrides", nargs="*", help="further config overrides for every row, e.g. data.demo_bytes=200000")
     args = p.parse_args()
     skipped = {}
     if args.plan:
@@ -84,7 +85,7 @@ def main() -> int:
 
     common = [f"model={args.size}", "data=demo", f"train.seq_len={args.seq}", f"model.max_seq_len={max(args.seq, 256)}",
               f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
-              f"train.steps={args.steps}"]
+              f"train.steps={args.steps}", *args.overrides]
     rows, base, failed = [], None, []
     for name in args.only:
         try:

@@ -62,8 +62,9 @@ if [ "$smoke" = 1 ]; then
   shape=(--batch 2 --seq 32)  # seconds of CI: the fewest steps that give every number
   step train_step 300 "$PY" benchmarks/train_step.py --model tiny "${shape[@]}" --steps 1 --rounds 1 \
     --json "$OUT/train_step.json"
+  # NOTE: the tests' demo size (conftest.SMALL_RUN): CI has it cached; a first 1 MB one takes seconds to prepare
   step fp8_step 300 "$PY" benchmarks/fp8_step.py --size tiny "${shape[@]}" --steps 2 --plan "$OUT/preflight.json" \
-    --json "$OUT/fp8_step.json"
+    --json "$OUT/fp8_step.json" data.demo_bytes=200000
 else
   # The one GPU test (TE against bf16; skipped, saying why, where the preflight found no TE) and the model tests
   # under this machine's torch and transformers. NOTE: not test_precision's training tests: with a GPU they would
