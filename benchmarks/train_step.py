@@ -8,6 +8,10 @@ gradients and Adam states share one GPU. Reported per implementation: tokens/s, 
 count of this shape, the same for both), peak memory, and the host syncs of one step (moetrain.host_syncs; on
 CUDA also the synchronising calls torch.cuda.set_sync_debug_mode reports).
 
+NOTE: both keep fp32 master weights under bf16 autocast (moetrain's recipe). transformers' grouped_mm experts are
+not autocast-enabled: they cast their input to the weights' dtype, so its routed experts then multiply in fp32
+(its integrations/moe.py says so); moetrain casts to bf16. The row names the experts implementation.
+
     python benchmarks/train_step.py                                                  # model=tiny on CPU
     python benchmarks/train_step.py --model proxy_1gpu --batch 2 --seq 4096 --json out.json   # one GPU
 """
@@ -142,6 +146,7 @@ def run_one(args) -> dict:
         cuda = device.type == "cuda"
         seconds, loss = timed_rounds(step, args.steps, args.rounds, cuda)
         syncs = count_syncs(step, args.sync_steps, cuda)
+        extra = {"experts": trainer.config._experts_implementation} if args.impl == "hf" else {}
         if args.impl == "moetrain":
             trainer.close()
     tokens = args.batch * args.seq
@@ -152,7 +157,7 @@ def run_one(args) -> dict:
     return {"impl": IMPLS[args.impl], "machine": machine(), "tokens_per_s": tokens / seconds, "tflops": tflops,
             "mfu": tflops / peak if peak else None, "step_ms": 1e3 * seconds, "loss": loss,
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-            **syncs}
+            **extra, **syncs}
 
 
 def run_both(args) -> int:
