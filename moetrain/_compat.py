@@ -21,6 +21,9 @@ Checked on torch 2.13.0 (CPU, gloo) and 2.11 (CUDA 13, the lent GPU machine's):
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401  (re-exported)
 
@@ -89,11 +92,34 @@ def require_methods(cls: type, names: tuple[str, ...]) -> None:
                           "its overrides on torch 2.13; see moetrain/_compat.py)")
 
 
+def compile_disabled(fn=None, *, recursive: bool = True):
+    """``torch.compiler.disable(fn, recursive=...)``, wrapped on the first call made while dynamo is loaded.
+
+    NOTE: torch.compiler.disable imports dynamo and inductor (~2 s, most of a process's start after torch itself),
+    and as a decorator it would do so at import in every process: the launcher's ranks, the CLI, the data workers.
+    Nothing can be compiling in a process that has not imported dynamo, so until then ``fn`` runs as it is.
+    """
+    if fn is None:
+        return functools.partial(compile_disabled, recursive=recursive)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        return _disabled(fn, recursive)(*args, **kwargs)
+
+    return call
+
+
+@functools.cache
+def _disabled(fn, recursive: bool):
+    return torch.compiler.disable(fn, recursive=recursive)
+
+
 def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
-@torch.compiler.disable  # a compiled block (train.compile) runs it eagerly: CPU's compiled flex has no backward
 def flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale: float):
     """FlexAttention's eager reference (dense scores, the BlockMask's mask_mod applied to every pair), forward and
     backward, off CUDA.
@@ -102,6 +128,11 @@ def flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale: float):
     ("FlexAttention does not support backward on CPU"); the operator it calls has an eager autograd reference
     that runs on CPU, so CPU tests (and CPU runs with model.attn.backend=flex) get gradients through it.
     """
+    return _flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale)
+
+
+@compile_disabled  # a compiled block (train.compile) runs it eagerly: CPU's compiled flex has no backward
+def _flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale: float):
     from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
     from torch.nn.attention.flex_attention import _apply_kernel_options
 

@@ -71,3 +71,16 @@ def test_private_torch_apis_live_in_compat():
             if private.search(code) and not code.strip().startswith(('"', "'")):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_starting_a_rank_imports_no_compiler():
+    """A rank of ``moetrain train`` (and the CLI) loads neither dynamo nor inductor unless it compiles: they take
+    ~2 s of every process's start on 2 cores, more than torch itself, and most runs never compile."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moetrain.cli, moetrain.train, moetrain.trainer, moetrain.model, moetrain.precision\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

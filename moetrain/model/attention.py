@@ -16,6 +16,8 @@ Shapes: B batch, T tokens, H heads, K q/k head dim, V v head dim, N tiles of ``B
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -46,15 +48,18 @@ def attend(q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTV: torch.Tensor, mas
     """[B, H, T, V]; v_head_dim may differ from the q/k head dim (both kernels accept that)."""
     if isinstance(mask, BlockMask):
         if q_BHTK.device.type == "cuda":
-            return _flex_attention_compiled(q_BHTK, k_BHTK, v_BHTV, block_mask=mask, scale=scale)
+            return _compiled_flex_attention()(q_BHTK, k_BHTK, v_BHTV, block_mask=mask, scale=scale)
         return flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, mask, scale)
     return F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTV, attn_mask=mask, is_causal=mask is None,
                                           scale=scale)
 
 
-# Compiled once for the process, as torchtitan does (compilation itself waits for the first CUDA call):
-# uncompiled, flex_attention scores every pair densely. Inside a compiled block (train.compile) dynamo inlines it.
-_flex_attention_compiled = torch.compile(flex_attention)
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once for the process, as torchtitan does: uncompiled, it scores every pair densely.
+    Inside a compiled block (train.compile) dynamo inlines it. NOTE: made on first use, not at import: torch.compile
+    imports inductor (~2 s), which every CPU process (and the launcher's ranks) would otherwise pay."""
+    return torch.compile(flex_attention)
 
 
 # ------------------------------------------------------------------------------------------------------ masks

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain._compat import grouped_mm, has_grouped_mm
+from moetrain._compat import compile_disabled, grouped_mm, has_grouped_mm
 from moetrain.model.layers import uninitialised
 
 # torch._grouped_mm wants 16-byte aligned row strides and fp32/bf16/fp16 operands.
@@ -70,7 +70,7 @@ class GroupedExperts(nn.Module):
         return expert_loop_mm(x_NI, w_EOI, counts_E)
 
 
-@torch.compiler.disable
+@compile_disabled
 def _grouped_mm_eager(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     # NOTE: eager kernels take fp32 (CPU), but the compiler's shape rules accept only bf16; keep fp32 out of graphs.
     return grouped_mm(x_NI, w_EIO, offs)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from moetrain._compat import compile_disabled
+
 # Per thread: autograd runs CUDA backward (and so recomputation) on its own threads, beside the next forwards.
 _recompute_state = threading.local()
 
@@ -45,7 +47,7 @@ def _recompute_contexts():
     return contextlib.nullcontext(), replaying()
 
 
-@torch.compiler.disable(recursive=False)  # dynamo cannot trace a custom context_fn; fn itself still compiles
+@compile_disabled(recursive=False)  # dynamo cannot trace a custom context_fn; fn itself still compiles
 def recomputed(fn, *args, checkpoint_fn=None):
     """``fn(*args)`` keeping only its inputs; backward re-runs it with :func:`is_recomputing` true.
 
