@@ -62,7 +62,7 @@ HOW = {
     "moetrain train": How(
         "the 300-step demo: test_demo_end_to_end runs it; validated here", world_size=1,
         elsewhere="tests/test_train.py::test_demo_end_to_end"),
-    "python -m pytest -q tests": How("CI itself (.ci/run)", run="test_ci_installs_and_tests_as_printed"),
+    "python -m pytest -q -n auto tests": How("CI itself (.ci/run)", run="test_ci_installs_and_tests_as_printed"),
     "moetrain train train.steps=1000 optim.lr=1e-3 run.dir=runs/lr1e-3": How(
         "1000 demo steps: composed and validated", world_size=1),
     "moetrain train model=proxy_1gpu data=synthetic train.seq_len=4096 train.global_batch_size=16 "
