@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,14 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES, NAME = 8, re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-def _gpu_sh(out: Path, *args: str, pythonpath: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def _gpu_sh(out: Path, *args: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), *args], env=env, capture_output=True,
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=300)
-    return proc, time.monotonic() - t0
 
 
 def _rows(path: Path, key: str) -> dict:
@@ -32,7 +29,7 @@ def _rows(path: Path, key: str) -> dict:
 
 def test_cpu_smoke_runs_every_step_and_writes_their_numbers(tmp_path):
     out = tmp_path / "out"
-    proc, _ = _gpu_sh(out, "--cpu-smoke")
+    proc = _gpu_sh(out, "--cpu-smoke")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "gpu.sh: every step passed" in proc.stdout
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -59,14 +56,16 @@ def test_cpu_smoke_runs_every_step_and_writes_their_numbers(tmp_path):
         assert "CUDA" in fp8[name]["skipped"], fp8[name]
 
 
-def test_preflight_names_a_module_that_does_not_import_and_stops_within_seconds(tmp_path):
+def test_preflight_names_a_module_that_does_not_import_and_stops_before_any_step(tmp_path):
     blocker = tmp_path / "block"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['omegaconf'] = None  # import fails\n")
     out = tmp_path / "out"
-    proc, seconds = _gpu_sh(out, "--cpu-smoke", pythonpath=str(blocker))
+    proc = _gpu_sh(out, "--cpu-smoke", pythonpath=str(blocker))
     assert proc.returncode == 2, proc.stdout[-4000:]
     assert re.search(r"^MISSING\s+omegaconf: ModuleNotFoundError", proc.stdout, re.M), proc.stdout
     assert "preflight FAILED: missing" in proc.stdout and "omegaconf" in proc.stdout.splitlines()[-2]
+    # It stops before any step: what runs is imports only (seconds), never a model. NOTE: no wall-clock bound here;
+    # CI's load would make one flaky, and the order is what guarantees it.
     assert "no step was run" in proc.stdout and not (out / "train_step.json").exists()
-    assert seconds < 30, seconds  # imports only: a few seconds on an idle 2-core machine
+    assert not (out / "fp8_step.json").exists() and "== train_step" not in proc.stdout
