@@ -168,7 +168,10 @@ def test_compiled_blocks_match_eager(recompute):
     cfg = small_config()
     eager, compiled = make_model(cfg), make_model(cfg)
     apply_recompute(compiled, recompute)
-    for block in list(compiled.layers.values()) + [m.block for m in compiled.mtp.values()]:
+    # The MoE blocks (layer 1 and the MTP module's): routing, dispatch, the grouped GEMM, the balance loss. NOTE: the
+    # dense block 0 stays eager; its attention and MLP are the MoE block's own (compiling it adds only cold-cache
+    # inductor builds, ~30 s of CI).
+    for block in [compiled.layers["1"]] + [m.block for m in compiled.mtp.values()]:
         block.compile()
     tokens = torch.randint(0, 64, (2, 16))
     labels = tokens.roll(-1, 1)
