@@ -105,18 +105,22 @@ def test_whole_model_with_mtp_matches_the_unchunked(chunk):
         assert _relative(got_grads[name], ref_grads[name]) < FP32, name
 
 
-def test_whole_model_under_bf16_autocast_stays_within_bf16_rounding():
+def test_whole_model_under_bf16_autocast_is_as_close_to_fp32_as_the_unchunked():
     torch.manual_seed(0)
     model = make_model(small_config())
     tokens = torch.randint(0, 64, (2, 16))
     labels = tokens.roll(-1, 1)
+    _, exact = _model_grads(model, tokens, labels, 0)
     ref, ref_grads = _model_grads(model, tokens, labels, 0, autocast=True)
     got, got_grads = _model_grads(model, tokens, labels, 5, autocast=True)
     assert ref.logits.dtype == torch.bfloat16
-    assert _relative(got.lm_loss_sum, ref.lm_loss_sum) < FP32
+    assert _relative(got.lm_loss_sum, ref.lm_loss_sum) < FP32  # the same bf16 logits, the same fp32 softmax
     assert _relative(got.mtp_loss_sums[0], ref.mtp_loss_sums[0]) < FP32
+    # The chunked path rounds h's gradient once instead of per matmul: the two bf16 runs then part by bf16 noise
+    # compounded through the blocks (measured up to 1e-2), each as far from fp32 as the other (ratio <= 1.6).
     for name in ref_grads:
-        assert _relative(got_grads[name], ref_grads[name]) < BF16, name
+        assert _relative(got_grads[name], ref_grads[name]) < 2 * BF16, name
+        assert _relative(got_grads[name], exact[name]) < 2 * _relative(ref_grads[name], exact[name]) + BF16 / 4, name
 
 
 def _peak_bytes(fn) -> int:
@@ -129,27 +133,31 @@ def _peak_bytes(fn) -> int:
     return bench._allocated_at(prof, marker.data_ptr())[1]
 
 
-def test_chunked_loss_keeps_one_chunk_of_logits():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_chunked_loss_keeps_one_chunk_of_logits(dtype):
     N, D, V, C = 2048, 64, 32000, 256
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(N, D, generator=g)).requires_grad_()
     w = (torch.randn(V, D, generator=g) * 0.05).requires_grad_()
     labels = torch.randint(0, V, (N,), generator=g)
-    logits_bytes, chunk_bytes, weight_bytes = N * V * 4, C * V * 4, V * D * 4
+    per_logit = 4 if dtype == "fp32" else 2 + 4  # fp32 logits; bf16 logits and their fp32 copy
+    logits_bytes, chunk_bytes, weight_bytes = N * V * 4, C * V * per_logit, V * D * 4
 
     def step(loss_fn):
         def run():
-            loss_fn().backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                loss = loss_fn()
+            loss.backward()
         return run
 
     plain = _peak_bytes(step(lambda: _reference_ce_sum(h, w, labels)))
     h.grad = w.grad = None
     chunked = _peak_bytes(step(lambda: chunked_ce_sum(h, w, labels, C)))
-    assert plain >= 2 * logits_bytes  # the logits and the log-softmax cross entropy keeps
-    # One chunk's logits, their softmax gradient and the logsumexp's work space, plus the weight's gradient
-    # (accumulated in fp32, then handed over) and h's: nothing of size N x V.
-    assert chunked <= 4 * chunk_bytes + 2 * weight_bytes + 2 * N * D * 4, (chunked, chunk_bytes)
-    assert chunked < plain / 5
+    assert plain >= 2 * logits_bytes  # the fp32 logits and the log-softmax the cross entropy keeps
+    # One chunk's logits (forward) or one block's (backward), the weight's gradient and its bf16 copy, h's
+    # gradient (fp32) and its compute-dtype copy: nothing of size N x V (measured: fp32 41 MB, bf16 56 MB of 750).
+    assert chunked <= 1.1 * chunk_bytes + 1.5 * weight_bytes + 2 * N * D * 4, (chunked, chunk_bytes)
+    assert chunked < plain / 10
 
 
 def test_trainer_losses_equal_with_the_key_on(tmp_path):

@@ -33,14 +33,12 @@ def chunked_ce_sum(h_ND: torch.Tensor, w_VD: torch.Tensor, labels_N: torch.Tenso
     return _ChunkedCrossEntropy.apply(h_ND, w_VD, labels_N, chunk_tokens)
 
 
-def _row_loss_terms(logits_CV: torch.Tensor, labels_C: torch.Tensor):
-    """(fp32 logits, log-sum-exp per row, target mask, labels with the ignored ones made a valid index)."""
-    logits32_CV = logits_CV.float()
-    valid_C = labels_C != IGNORE_INDEX
-    return logits32_CV, torch.logsumexp(logits32_CV, dim=-1), valid_C, labels_C.where(valid_C, 0)
-
-
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward in token chunks (each row's log-sum-exp needs the whole vocabulary); backward in vocabulary blocks of
+    the same size (``chunk_tokens * V / N`` columns for all N tokens), so that each block's weight gradient is one
+    matmul written once, in the weight's dtype as the plain head's would be, and only h's gradient ([N, D], small
+    beside the logits) accumulates, in fp32."""
+
     @staticmethod
     def forward(ctx, h_ND, w_VD, labels_N, chunk_tokens):
         N = h_ND.shape[0]
@@ -48,12 +46,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         compute_dtype = torch.promote_types(h_ND.dtype, w_VD.dtype)
         for s in range(0, N, chunk_tokens):
-            # Under autocast F.linear runs in the autocast dtype, as self.head(h) would.
+            # Under autocast F.linear runs in the autocast dtype, as self.head(h) would; its output dies at .float().
             logits_CV = F.linear(h_ND[s:s + chunk_tokens], w_VD)
             compute_dtype = logits_CV.dtype
-            logits32_CV, lse_C, valid_C, target_C = _row_loss_terms(logits_CV, labels_N[s:s + chunk_tokens])
+            logits_CV = logits_CV.float()
+            labels_C = labels_N[s:s + chunk_tokens]
+            valid_C = labels_C != IGNORE_INDEX
+            target_logit_C = logits_CV.gather(1, labels_C.where(valid_C, 0)[:, None]).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp would allocate two more [C, V] temporaries)
+            max_C = logits_CV.amax(dim=1)
+            lse_C = logits_CV.sub_(max_C[:, None]).exp_().sum(dim=1).log_().add_(max_C)
             del logits_CV
-            target_logit_C = logits32_CV.gather(1, target_C[:, None]).squeeze(1)
             total += torch.where(valid_C, lse_C - target_logit_C, 0.0).sum()
             lse_N[s:s + chunk_tokens] = lse_C
         ctx.save_for_backward(h_ND, w_VD, labels_N, lse_N)
@@ -64,25 +67,33 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         h_ND, w_VD, labels_N, lse_N = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
-        C, dtype = ctx.chunk_tokens, ctx.compute_dtype
-        grad_h_ND = torch.empty_like(h_ND) if need_h else None
-        grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
+        dtype, (N, D), V = ctx.compute_dtype, h_ND.shape, w_VD.shape[0]
+        block = max(1, ctx.chunk_tokens * V // max(N, 1))  # vocabulary columns per block: chunk_tokens x V elements
+        grad_h32_ND = torch.zeros(N, D, dtype=torch.float32, device=h_ND.device) if need_h else None
+        grad_w_VD = torch.empty_like(w_VD) if need_w else None
+        valid_N = labels_N != IGNORE_INDEX
+        # d(lse - z_y)/dz = softmax(z) - onehot(y), times the upstream gradient; zero on ignored rows.
+        scale_N1 = torch.where(valid_N, grad_total, 0.0)[:, None]
         # NOTE: the matmuls are cast by hand to the forward's compute dtype: backward may run outside the autocast
         # region the forward ran in (the runner calls backward after leaving it).
         with torch.autocast(h_ND.device.type, enabled=False):
-            w_cd = w_VD.to(dtype)
-            for s in range(0, h_ND.shape[0], C):
-                h_CD = h_ND[s:s + C].to(dtype)
-                labels_C = labels_N[s:s + C]
-                # d(lse - z_y)/dz = softmax(z) - onehot(y), zero on ignored rows; built in place in the fp32 copy.
-                probs_CV = F.linear(h_CD, w_cd).float().sub_(lse_N[s:s + C, None]).exp_()
-                valid_C = labels_C != IGNORE_INDEX
-                probs_CV.scatter_add_(1, labels_C.where(valid_C, 0)[:, None],
-                                      torch.full_like(probs_CV[:, :1], -1.0))
-                grad_logits_CV = probs_CV.mul_(torch.where(valid_C, grad_total, 0.0)[:, None]).to(dtype)
-                del probs_CV
+            h_cd = h_ND.to(dtype)
+            for v in range(0, V, block):
+                w_cd = w_VD[v:v + block].to(dtype)
+                probs_NB = F.linear(h_cd, w_cd).float().sub_(lse_N[:, None]).exp_()
+                # -1 at the label's column where the label falls in this block (no host sync: a masked scatter).
+                here_N1 = (valid_N & (labels_N >= v) & (labels_N < v + block))[:, None]
+                column_N1 = (labels_N[:, None] - v).clamp(0, probs_NB.shape[1] - 1)
+                probs_NB.scatter_add_(1, column_N1, -here_N1.to(probs_NB.dtype))
+                grad_logits_NB = probs_NB.mul_(scale_N1).to(dtype)
+                del probs_NB
                 if need_h:
-                    grad_h_ND[s:s + C] = grad_logits_CV @ w_cd
+                    if dtype == torch.float32:
+                        grad_h32_ND.addmm_(grad_logits_NB, w_cd)
+                    else:
+                        grad_h32_ND += grad_logits_NB @ w_cd
                 if need_w:
-                    grad_w_VD += (grad_logits_CV.T @ h_CD).float()
-        return grad_h_ND, None if grad_w_VD is None else grad_w_VD.to(w_VD.dtype), None, None
+                    grad_w_VD[v:v + block] = grad_logits_NB.T @ h_cd
+                del grad_logits_NB  # before the next block's logits: one block alive at a time
+        grad_h_ND = None if grad_h32_ND is None else grad_h32_ND.to(h_ND.dtype)
+        return grad_h_ND, grad_w_VD, None, None
