@@ -166,7 +166,9 @@ def test_trainer_losses_equal_with_the_key_on(tmp_path):
     assert on.train.loss_chunk_tokens == 100 and off.train.loss_chunk_tokens == 0
     from moetrain.train import Trainer
 
-    ref, got = Trainer(off).fit(), Trainer(on).fit()
+    chunked = Trainer(on)
+    assert chunked.model.loss_chunk_tokens == 100  # parallelize hands the key to the model
+    ref, got = Trainer(off).fit(), chunked.fit()
     assert len(ref) == len(got) == 2
     for a, b in zip(got, ref):
         assert abs(a - b) <= FP32 * abs(b), (got, ref)
@@ -183,3 +185,15 @@ def test_pipeline_refuses_the_chunked_loss():
     with pytest.raises(ConfigError, match="train.loss_chunk_tokens"):
         to_job_config(compose(["parallel.pp=2", "train.loss_chunk_tokens=512", "train.global_batch_size=32",
                                "train.micro_batch_size=8"]), 2)
+
+
+def test_fsdp2_with_the_chunked_loss_trains_as_one_unchunked_process(tmp_path):
+    """FSDP2 over 2 ranks: the head sits in the root unit, whose gathered weight the loss reads in forward and
+    whose gradient the loss's own backward hands back (no module runs in backward). Against one process with the
+    full logits, under other CPU kernels (tests/layouts.py's bounds)."""
+    from layouts import assert_close_records, assert_same_model, train_layout, train_reference
+
+    ref = train_reference(tmp_path / "ref")
+    got = train_layout(tmp_path / "fsdp", 2, "parallel.dp_strategy=fsdp", "train.loss_chunk_tokens=100")
+    assert_close_records(got, ref)
+    assert_same_model(tmp_path / "fsdp", tmp_path / "ref")
