@@ -176,8 +176,9 @@ class TrainConfig:
     recompute: str = "none"  # none | selective (norms, MLA up-projections + attention) | full (each block)
     # Tokens per chunk of the main and MTP heads' cross entropy (moetrain.model.loss): each chunk's logits are
     # computed, used and dropped, and recomputed in backward, so no [tokens, vocab] logits are ever held (at
-    # V3's vocabulary ~1.5 MB per token and head otherwise). 0 = off: the full logits, which the model's output
-    # then carries (LMOutput.logits). Needs parallel.pp=1: a pipeline's last stage hands the schedule logits.
+    # V3's vocabulary in bf16 0.8 MB per token for the main head and 0.5 MB per MTP head otherwise). 0 = off: the
+    # full logits, which the model's output then carries (LMOutput.logits). Needs parallel.pp=1: a pipeline's last
+    # stage hands the schedule logits.
     loss_chunk_tokens: int = 0
     compile: bool = False  # torch.compile each block
     val_interval: int = 0  # steps between validation passes; 0 = never
