@@ -318,9 +318,9 @@ def render_table(plan: dict) -> str:
         ("  activations", f"{mem['activations']:.2f} GB ({mem['in_flight_microbatches']:g} micro-batch(es) in flight)"),
         ("   per micro-batch", ", ".join(f"{k} {v:.2f} GB" for k, v in mem["activations_per_microbatch"].items())
          + " (train.recompute=...)"),
-        ("  recompute/loss", f"{mem['recompute_working']:.2f} GB while backward runs ("
-                             + (f"loss in chunks of {lay['loss_chunk_tokens']} tokens)" if lay["loss_chunk_tokens"]
-                                else "full logits; train.loss_chunk_tokens=...)")),
+        ("  recompute/loss", f"{mem['recompute_working']:.2f} GB while backward runs"
+                             + (f" (loss in chunks of {lay['loss_chunk_tokens']} tokens)" if lay["loss_chunk_tokens"]
+                                else "")),
         ("  all-to-all", f"{mem['all_to_all_buffers']:.2f} GB of dispatch buffers"),
         ("  reserved", f"{mem['reserved']:.2f} GB (plan.reserved_gb)"),
         ("  per pp rank", ", ".join(f"{g:.1f}" for g in mem["per_pp_rank"]) + " GB"),
