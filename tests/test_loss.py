@@ -197,3 +197,17 @@ def test_fsdp2_with_the_chunked_loss_trains_as_one_unchunked_process(tmp_path):
     got = train_layout(tmp_path / "fsdp", 2, "parallel.dp_strategy=fsdp", "train.loss_chunk_tokens=100")
     assert_close_records(got, ref)
     assert_same_model(tmp_path / "fsdp", tmp_path / "ref")
+
+
+def test_a_step_with_the_chunked_loss_reads_the_host_once(tmp_path):
+    """The chunked loss adds no host sync (no data-dependent shapes: ignored labels are masked, not selected)."""
+    from moetrain.host_syncs import HostSyncCounter
+    from moetrain.train import Trainer
+
+    trainer = Trainer(small_job(tmp_path, "train.steps=5", "train.loss_chunk_tokens=100"))
+    for _ in range(2):
+        trainer.step += 1
+        with HostSyncCounter() as syncs:
+            trainer.train_step()
+        assert dict(syncs.by_op) == {"tolist": 1}  # as without it (tests/test_host_syncs.py)
+    trainer.close()
