@@ -7,6 +7,7 @@ forward and backward. On a GPU from ``torch.cuda.memory_allocated``; on CPU from
 caching). Each mode runs in a fresh process. ``planned`` is :mod:`moetrain.memory_model`'s figure.
 
     python benchmarks/recompute.py [--config small|wide|dense] [--dtype fp32|bf16] [--batch 8] [--seq 512]
+                                   [--loss-chunk 0]
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def _build(name: str, seq: int):
                        moe=MoEConfig(**moe, router=RouterConfig(**CONFIGS[name]["moe"]["router"])))
 
 
-def planned(name: str, mode: str, batch: int, seq: int, dtype: str) -> float:
+def planned(name: str, mode: str, batch: int, seq: int, dtype: str, loss_chunk: int = 0) -> float:
     """The memory model's kept activation bytes of one micro-batch."""
     from moetrain.memory_model import Activations, activation_bytes_per_token
 
     cfg = _build(name, seq)
     # CPU attention: flash when v_head_dim == qk_head_dim, else the math fallback (GPUs run a fused kernel).
     fused = cfg.attn.v_head_dim == cfg.attn.qk_head_dim or _cuda()
-    x = Activations(a=2 if dtype == "bf16" else 4, mode=mode, attention="fused" if fused else "math", seq_len=seq)
+    x = Activations(a=2 if dtype == "bf16" else 4, mode=mode, attention="fused" if fused else "math", seq_len=seq,
+                    loss_chunk=loss_chunk)
     return batch * seq * activation_bytes_per_token(cfg, list(range(cfg.n_layers)), x)
 
 
@@ -67,7 +69,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def measure(name: str, mode: str, batch: int, seq: int, dtype: str) -> dict:
+def measure(name: str, mode: str, batch: int, seq: int, dtype: str, loss_chunk: int = 0) -> dict:
     import torch
 
     from moetrain.model import build_model, init_weights
@@ -82,6 +84,7 @@ def measure(name: str, mode: str, batch: int, seq: int, dtype: str) -> dict:
     if dtype == "bf16":  # as FSDP's bf16 gather gives the forward: bf16 weights, the router computing in fp32
         model.to(torch.bfloat16)
     apply_recompute(model, mode)
+    model.loss_chunk_tokens = loss_chunk
     model.train()
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     labels = tokens.roll(-1, 1)
@@ -111,8 +114,9 @@ def measure(name: str, mode: str, batch: int, seq: int, dtype: str) -> dict:
             marker = torch.empty(1)  # an allocation event at the end of the forward
             loss.backward()
         kept, peak = _allocated_at(prof, marker.data_ptr())
-    return {"config": name, "recompute": mode, "dtype": dtype, "kept_mb": kept / 2**20, "peak_mb": peak / 2**20,
-            "planned_mb": planned(name, mode, batch, seq, dtype) / 2**20, "step_s": time.perf_counter() - t0}
+    return {"config": name, "recompute": mode, "dtype": dtype, "loss_chunk": loss_chunk, "kept_mb": kept / 2**20,
+            "peak_mb": peak / 2**20, "planned_mb": planned(name, mode, batch, seq, dtype, loss_chunk) / 2**20,
+            "step_s": time.perf_counter() - t0}
 
 
 def _allocated_at(prof, marker_addr: int) -> tuple[int, int]:
@@ -138,15 +142,16 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk_tokens (0: the full logits)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(measure(args.config, args.one, args.batch, args.seq, args.dtype)))
+        print(json.dumps(measure(args.config, args.one, args.batch, args.seq, args.dtype, args.loss_chunk)))
         return
     rows = []
     for mode in ("none", "selective", "full"):
         out = subprocess.run([sys.executable, __file__, "--one", mode, "--config", args.config, "--dtype", args.dtype,
-                              "--batch", str(args.batch), "--seq", str(args.seq)],
+                              "--batch", str(args.batch), "--seq", str(args.seq), "--loss-chunk", str(args.loss_chunk)],
                              capture_output=True, text=True, check=True, env={**os.environ}).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]

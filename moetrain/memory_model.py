@@ -34,7 +34,8 @@ class Activations:
     a: bytes of the compute dtype; mode: ``train.recompute``; attention: ``fused`` (flash / memory-efficient SDPA,
     what GPUs run) or ``math`` (SDPA's fallback, what CPUs run when v_head_dim != qk_head_dim or with a mask:
     it keeps the T x T probabilities); seq_len: T; stage_logits: a pipeline's last stage returns every depth's
-    logits, which the schedule keeps until backward.
+    logits, which the schedule keeps until backward; loss_chunk: ``train.loss_chunk_tokens``, the heads' loss
+    computed that many tokens at a time, keeping no logits (0: the full logits).
     """
 
     a: int
@@ -42,6 +43,7 @@ class Activations:
     attention: str = "fused"
     seq_len: int = 4096
     stage_logits: bool = False
+    loss_chunk: int = 0
 
     def __post_init__(self):
         if self.mode not in RECOMPUTE_MODES:
@@ -111,24 +113,44 @@ def _no_full(x: Activations) -> Activations:
     return replace(x, mode="none") if x.mode == "full" else x
 
 
+def _loss_kept(cfg: ModelConfig, x: Activations) -> float:
+    """What one head's loss keeps per token beyond the head's input and the labels: the logits (the main head's
+    output keeps them) and the fp32 log-softmax; chunked (moetrain.model.loss), one fp32 log-sum-exp."""
+    return 4 if x.loss_chunk else (x.a + 4) * cfg.vocab_size
+
+
 def head_bytes(cfg: ModelConfig, x: Activations) -> float:
-    """Final norm, output head and loss of the main model, per token: the norm, the head's input, the logits (kept
-    by the output), the fp32 log-softmax the cross entropy keeps, the labels."""
+    """Final norm, output head and loss of the main model, per token: the norm, the head's input, the loss's
+    logits and log-softmax (or log-sum-exp when chunked), the labels."""
     y = _no_full(x)
-    return _norm_kept(cfg.dim, y) + y.a * cfg.dim + (y.a + 4) * cfg.vocab_size + 8
+    return _norm_kept(cfg.dim, y) + y.a * cfg.dim + _loss_kept(cfg, y) + 8
 
 
 def mtp_bytes(cfg: ModelConfig, depth: int, x: Activations) -> float:
     """MTP module ``depth`` (1-based), per token: the two input norms (hnorm's input is the head's), eh_proj's input,
-    its block, its norm and head input, the fp32 log-softmax, shifted tokens and labels."""
+    its block, its norm and head input, the fp32 log-softmax (chunked: log-sum-exp), shifted tokens and labels."""
     D, y = cfg.dim, _no_full(x)
     if y.mode == "selective":
         norms = y.a * D  # enorm keeps the embedding; hnorm's input is already kept as the head's input
     else:
         norms = _norm_kept(D, y) + (4 * D if y.a != 4 else 0) + 4 + y.a * D
     own = norms + 2 * y.a * D + block_bytes(cfg, cfg.n_layers + depth - 1, x)
-    logits = (y.a + 4) * cfg.vocab_size if x.stage_logits else 4 * cfg.vocab_size
+    if x.stage_logits:  # a pipeline stage returns the logits, which the schedule keeps
+        logits = (y.a + 4) * cfg.vocab_size
+    else:  # the logits die once the loss has its fp32 log-softmax (or, chunked, never exist whole)
+        logits = 4 if x.loss_chunk else 4 * cfg.vocab_size
     return own + _norm_kept(D, y) + y.a * D + logits + 16
+
+
+def loss_working_bytes(cfg: ModelConfig, tokens: int, x: Activations) -> float:
+    """What one head's loss adds while it runs on a micro-batch of ``tokens`` tokens (its backward, the larger):
+    the fp32 gradient of the logits; chunked, one chunk's logits in the compute dtype and in fp32 (one array when
+    that is fp32), h's gradient accumulated in fp32 and h in the compute dtype."""
+    V, D, a = cfg.vocab_size, cfg.dim, x.a
+    if not x.loss_chunk:
+        return tokens * 4 * V
+    per_logit = 4 if a == 4 else a + 4
+    return min(x.loss_chunk, tokens) * V * per_logit + tokens * D * (4 if a == 4 else 4 + a)
 
 
 def activation_bytes_per_token(cfg: ModelConfig, layers: list[int], x: Activations, first: bool = True,

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 from moetrain.config import ConfigError, JobConfig
 from moetrain.memory_model import (RECOMPUTE_MODES, Activations, activation_bytes_per_token,
-                                   in_flight_microbatches, recompute_working_bytes, state_bytes)
+                                   in_flight_microbatches, loss_working_bytes, recompute_working_bytes,
+                                   state_bytes)
 from moetrain.plan import (GPU_MEMORY_GB, PEAK_TFLOPS, block_params, lookup_device, mtp_module_params,
                            parameter_counts, training_flops_per_token)
 
@@ -89,7 +90,8 @@ def plan_ranks(job: JobConfig, gpus: int) -> list[RankPlan]:
     edp = dp // p.ep
     m = t.grad_accum_steps
     tokens_mb = t.micro_batch_size * t.seq_len
-    x = Activations(a=a, mode=t.recompute, attention="fused", seq_len=t.seq_len, stage_logits=p.pp > 1)
+    x = Activations(a=a, mode=t.recompute, attention="fused", seq_len=t.seq_len, stage_logits=p.pp > 1,
+                    loss_chunk=t.loss_chunk_tokens)
     stages, owner = _stages(job)
     S = len(stages)
     ranks = []
@@ -116,8 +118,8 @@ def plan_ranks(job: JobConfig, gpus: int) -> list[RankPlan]:
             kept += n * tokens_mb * activation_bytes_per_token(cfg, stages[s], x, s == 0, s == S - 1)
             in_flight = max(in_flight, n)
         working = tokens_mb * recompute_working_bytes(cfg, layers, x)
-        if last:
-            working += tokens_mb * 4 * cfg.vocab_size  # the fp32 gradient of one head's logits
+        if last:  # one head's loss at a time: the fp32 gradient of its logits, or of one chunk's
+            working += loss_working_bytes(cfg, tokens_mb, x)
         has_moe = any(i >= cfg.moe.first_k_dense_replace for i in layers) or (last and cfg.n_mtp_layers)
         a2a = 2 * tokens_mb * cfg.moe.router.topk * cfg.dim * a if p.ep > 1 and has_moe else 0.0
         ranks.append(RankPlan(r, layers, first, last, dense + experts, state.weights, state.gradients,
@@ -190,7 +192,8 @@ def make_plan(job: JobConfig, gpus: int) -> dict:
                    "dp_strategy": p.dp_strategy, "zero_stage": p.zero_stage if p.dp_strategy == "deepspeed" else None,
                    "pp_schedule": p.pp_schedule if p.pp > 1 else None, "micro_batches": t.grad_accum_steps,
                    "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
-                   "recompute": t.recompute, "compute_bytes": _compute_bytes(job)},
+                   "recompute": t.recompute, "loss_chunk_tokens": t.loss_chunk_tokens,
+                   "compute_bytes": _compute_bytes(job)},
         "memory_gb": {"gpu": memory_gb, "worst_pp_rank": worst.pp_rank, "weights": worst.weights / GB,
                       "gradients": worst.gradients / GB, "optimizer": worst.optimizer / GB,
                       "activations": worst.activations / GB, "in_flight_microbatches": worst.in_flight,
@@ -315,7 +318,9 @@ def render_table(plan: dict) -> str:
         ("  activations", f"{mem['activations']:.2f} GB ({mem['in_flight_microbatches']:g} micro-batch(es) in flight)"),
         ("   per micro-batch", ", ".join(f"{k} {v:.2f} GB" for k, v in mem["activations_per_microbatch"].items())
          + " (train.recompute=...)"),
-        ("  recompute/loss", f"{mem['recompute_working']:.2f} GB while backward runs"),
+        ("  recompute/loss", f"{mem['recompute_working']:.2f} GB while backward runs"
+                             + (f" (loss in chunks of {lay['loss_chunk_tokens']} tokens)" if lay["loss_chunk_tokens"]
+                                else "")),
         ("  all-to-all", f"{mem['all_to_all_buffers']:.2f} GB of dispatch buffers"),
         ("  reserved", f"{mem['reserved']:.2f} GB (plan.reserved_gb)"),
         ("  per pp rank", ", ".join(f"{g:.1f}" for g in mem["per_pp_rank"]) + " GB"),

@@ -138,6 +138,29 @@ def test_more_memory_per_layout_change_goes_the_expected_way():
     assert ddp["weights"] + ddp["gradients"] + ddp["optimizer"] == pytest.approx(16 * (n["total"] + n["mtp"]) / 1e9)
 
 
+def test_plan_counts_the_chunked_loss():
+    from moetrain.config import compose, to_job_config
+    from moetrain.planner import make_plan, render_table
+
+    def plan(*overrides):
+        job = to_job_config(compose(["model=proxy", "train.seq_len=4096", "train.global_batch_size=8",
+                                     "train.micro_batch_size=1", "train.steps=10", "precision=bf16", *overrides]))
+        return make_plan(job, 1)
+
+    full, chunked = plan(), plan("train.loss_chunk_tokens=1000")
+    cfg = load_preset("proxy")
+    N, C, V, D, a = 4096, 1000, cfg.vocab_size, cfg.dim, 2
+    # Kept: the main head's bf16 logits and fp32 log-softmax and the MTP head's log-softmax, for a log-sum-exp
+    # per token and head. Working: the fp32 gradient of N tokens' logits, for one chunk's logits in bf16 and
+    # fp32, with h's fp32 gradient and bf16 copy. At least (N - C) x V x 6 bytes less: 7.5 GB at V = 129K.
+    kept = N * ((a + 4) * V + 4 * V * cfg.n_mtp_layers) - N * 4 * (1 + cfg.n_mtp_layers)
+    working = N * 4 * V - (C * V * (a + 4) + N * D * (4 + a))
+    saved = full["memory_gb"]["total"] - chunked["memory_gb"]["total"]
+    assert saved * 1e9 == pytest.approx(kept + working, rel=1e-6)
+    assert saved * 1e9 >= (N - C) * V * (a + 4)
+    assert "loss in chunks of 1000 tokens" in render_table({**chunked, "warnings": []})
+
+
 def test_unknown_gpu_is_refused_naming_the_key():
     proc = subprocess.run([sys.executable, "-m", "moetrain", "plan", "plan.gpu=TPUv9"], capture_output=True,
                           text=True, timeout=120)

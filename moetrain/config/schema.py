@@ -174,6 +174,12 @@ class TrainConfig:
     mtp_lambda_final: float = 0.1
     mtp_lambda_switch: float = 1.0
     recompute: str = "none"  # none | selective (norms, MLA up-projections + attention) | full (each block)
+    # Tokens per chunk of the main and MTP heads' cross entropy (moetrain.model.loss): each chunk's logits are
+    # computed, used and dropped, and recomputed in backward, so no [tokens, vocab] logits are ever held (at
+    # V3's vocabulary in bf16 0.8 MB per token for the main head and 0.5 MB per MTP head otherwise). 0 = off: the
+    # full logits, which the model's output then carries (LMOutput.logits). Needs parallel.pp=1: a pipeline's last
+    # stage hands the schedule logits.
+    loss_chunk_tokens: int = 0
     compile: bool = False  # torch.compile each block
     val_interval: int = 0  # steps between validation passes; 0 = never
     val_batches: int = 4
@@ -205,6 +211,8 @@ class TrainConfig:
         require(self.recompute in ("none", "selective", "full"), f"{prefix}.recompute",
                  f"must be none, selective or full, got {self.recompute!r}")
         require(self.device in ("auto", "cpu", "cuda"), f"{prefix}.device", "must be auto, cpu or cuda")
+        require(type(self.loss_chunk_tokens) is int and self.loss_chunk_tokens >= 0, f"{prefix}.loss_chunk_tokens",
+                f"must be an integer >= 0 (0 = off), got {self.loss_chunk_tokens!r}")
         require(self.bias_update_speed >= 0, f"{prefix}.bias_update_speed", "must be >= 0")
         require(self.mtp_lambda >= 0 and self.mtp_lambda_final >= 0, f"{prefix}.mtp_lambda", "must be >= 0")
         require(self.val_interval >= 0, f"{prefix}.val_interval", "must be >= 0")

@@ -21,12 +21,10 @@ from moetrain._compat import register_pytree_dataclass
 from moetrain.model.config import ModelConfig
 from moetrain.model.layers import MLP, RMSNorm, recomputed, uninitialised
 from moetrain.model.attention import attention_mask
+from moetrain.model.loss import IGNORE_INDEX, chunked_ce_sum
 from moetrain.model.mla import MLA
 from moetrain.model.moe import MoE
 from moetrain.model.rope import precompute_freqs_cis
-
-IGNORE_INDEX = -100  # label value excluded from the loss
-
 
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + ffn(norm(.)); ffn is dense for the first layers."""
@@ -79,7 +77,7 @@ class MTPModule(nn.Module):
 class LMOutput:
     """Loss parts of one micro-batch, as sums over target tokens so that the trainer normalises globally."""
 
-    logits: torch.Tensor  # [B, T, V] of the main head
+    logits: torch.Tensor | None  # [B, T, V] of the main head; None from the chunked loss, which never holds them
     lm_loss_sum: torch.Tensor
     mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)  # one per MTP depth k = 1..D
     n_tokens: torch.Tensor | None = None  # target tokens of the main head
@@ -101,15 +99,35 @@ def lm_output(logits: tuple[torch.Tensor, ...] | list[torch.Tensor], labels_BT: 
 
     Depth k at position i predicts t_{i+k+1}: its labels are the main labels shifted by k, the last k unscored.
     """
-    out = LMOutput(logits[0], _ce_sum(logits[0], labels_BT), n_tokens=(labels_BT != IGNORE_INDEX).sum())
-    for k, logits_k in enumerate(logits[1:], start=1):
+    return _lm_output(logits, labels_BT, _ce_sum, logits[0])
+
+
+def chunked_lm_output(h: list[torch.Tensor], head_w_VD: torch.Tensor, labels_BT: torch.Tensor,
+                      chunk_tokens: int) -> LMOutput:
+    """As :func:`lm_output`, from the head's inputs ``(main, depth 1, ..., depth D)`` (each [B, T, D], normed) and
+    its weight: every depth's loss ``chunk_tokens`` tokens at a time (:mod:`moetrain.model.loss`); no logits."""
+
+    def ce_sum(h_BTD, labels):
+        return chunked_ce_sum(h_BTD.flatten(0, 1), head_w_VD, labels.flatten(), chunk_tokens)
+
+    return _lm_output(h, labels_BT, ce_sum, None)
+
+
+def _lm_output(xs, labels_BT: torch.Tensor, ce_sum, logits: torch.Tensor | None) -> LMOutput:
+    """Depth k's loss sum from ``ce_sum(xs[k], labels of depth k)``."""
+    out = LMOutput(logits, ce_sum(xs[0], labels_BT), n_tokens=(labels_BT != IGNORE_INDEX).sum())
+    for k, x_k in enumerate(xs[1:], start=1):
         labels_k = labels_BT.roll(-k, dims=1)
         labels_k[:, -k:] = IGNORE_INDEX
-        out.mtp_loss_sums.append(_ce_sum(logits_k, labels_k))
+        out.mtp_loss_sums.append(ce_sum(x_k, labels_k))
     return out
 
 
 class Transformer(nn.Module):
+    # Tokens per chunk of the whole model's loss (train.loss_chunk_tokens, set from outside); 0: the head's full
+    # logits. A pipeline stage returns logits whatever it is.
+    loss_chunk_tokens: int = 0
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -141,7 +159,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, labels_BT: torch.Tensor | None = None, doc_ids_BT: torch.Tensor | None = None,
                 position_ids_BT: torch.Tensor | None = None, tokens_BT: torch.Tensor | None = None):
         """Whole model: ``x`` = tokens [B, T]; without labels the logits [B, T, V], with labels an
-        :class:`LMOutput` (main and MTP loss sums).
+        :class:`LMOutput` (main and MTP loss sums; no logits when ``loss_chunk_tokens`` is set).
 
         Pipeline stage: ``x`` = tokens on the first stage, else the hidden state [B, T, D]; returns the hidden state,
         or on the last stage the logits of the main head and of every MTP depth (for :func:`lm_output`), whose
@@ -160,15 +178,21 @@ class Transformer(nn.Module):
         if not self.is_last:
             return h
         h = self.norm(h)  # h_0 of the MTP modules is the normed state too
-        logits = [self.head(h)]
         if labels_BT is None and not self.is_stage:
-            return logits[0]
+            return self.head(h)
+        # Chunked: each depth's head input goes to the loss, which computes the logits a chunk at a time.
+        chunked = not self.is_stage and self.loss_chunk_tokens > 0
+        outs = [h if chunked else self.head(h)]
         tokens_BT = x if tokens_BT is None and self.is_first else tokens_BT
         for k, mtp in enumerate(self.mtp.values(), start=1):
             # Position i sees Emb(t_{i+k}) and predicts t_{i+k+1}.
             h = mtp(h, self.embed(tokens_BT.roll(-k, dims=1)), freqs_cis, attn_mask)
-            logits.append(self.head(h))
-        return tuple(logits) if self.is_stage else lm_output(logits, labels_BT)
+            outs.append(h if chunked else self.head(h))
+        if self.is_stage:
+            return tuple(outs)
+        if chunked:
+            return chunked_lm_output(outs, self.head.weight, labels_BT, self.loss_chunk_tokens)
+        return lm_output(outs, labels_BT)
 
 
 def _ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

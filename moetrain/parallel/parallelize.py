@@ -46,6 +46,7 @@ def parallelize(job, mesh: ParallelMesh, precision, strategy: DataParallelStrate
     model = build_model(job.model, "meta")
     n_params = sum(p.numel() for p in model.parameters())
     apply_recompute(model, job.train.recompute, precision.checkpoint_fn())
+    model.loss_chunk_tokens = job.train.loss_chunk_tokens
     precision.convert(model, log)  # FP8 modules keep every parameter's name and shape
     pipeline, stages = None, None
     if mesh.pp > 1:
