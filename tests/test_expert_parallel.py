@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 from layouts import KEYS, assert_close_records, assert_same_model, train_layout
 
@@ -19,7 +20,13 @@ from layouts import KEYS, assert_close_records, assert_same_model, train_layout
 def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, fp32_reference, strategy, ep, dp):
     ref_dir, ref = fp32_reference
     entry = ("moetrain.train",) if strategy == "ddp" else ("moetrain", "train")  # both entry points work
-    records = train_layout(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}", entry=entry)
+    # FSDP without experts split also runs the chunked loss (train.loss_chunk_tokens): the head sits in FSDP2's root
+    # unit, whose gathered weight the loss reads in forward; the reference computes the full logits.
+    chunked = ["train.loss_chunk_tokens=100"] if (strategy, ep) == ("fsdp", 1) else []
+    records = train_layout(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}", *chunked,
+                           entry=entry)
+    if chunked:
+        assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["loss_chunk_tokens"] == 100
     assert_close_records(records, ref)
     assert_same_model(tmp_path, ref_dir)
     # Node-limited routing: with n_group = ep each group is one rank, so a token reaches <= topk_group ranks.

@@ -187,16 +187,7 @@ def test_pipeline_refuses_the_chunked_loss():
                                "train.micro_batch_size=8"]), 2)
 
 
-def test_fsdp2_with_the_chunked_loss_trains_as_one_unchunked_process(tmp_path):
-    """FSDP2 over 2 ranks: the head sits in the root unit, whose gathered weight the loss reads in forward and
-    whose gradient the loss's own backward hands back (no module runs in backward). Against one process with the
-    full logits, under other CPU kernels (tests/layouts.py's bounds)."""
-    from layouts import assert_close_records, assert_same_model, train_layout, train_reference
-
-    ref = train_reference(tmp_path / "ref")
-    got = train_layout(tmp_path / "fsdp", 2, "parallel.dp_strategy=fsdp", "train.loss_chunk_tokens=100")
-    assert_close_records(got, ref)
-    assert_same_model(tmp_path / "fsdp", tmp_path / "ref")
+# FSDP2 with the chunked loss against one unchunked process: one of tests/test_expert_parallel.py's layout launches.
 
 
 def test_a_step_with_the_chunked_loss_reads_the_host_once(tmp_path):
