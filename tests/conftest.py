@@ -1,6 +1,8 @@
+import getpass
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,11 @@ import torch.multiprocessing as mp
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Inherited by the subprocesses of the launch and fault tests: 2-4 ranks must not oversubscribe 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# NOTE: inductor's cache (its precompiled headers included) is not keyed by ATEN_CPU_CAPABILITY: after a run on
+# AVX kernels, a run under ATEN_CPU_CAPABILITY=default compiled vectorised kernels against a scalar header and failed
+# ("'at::vec' has not been declared"). One cache per capability; a fresh one builds in about a minute.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{torch.backends.cpu.get_cpu_capability().lower()}"))
 
 from moetrain.model import MLAConfig, ModelConfig, MoEConfig, RouterConfig, build_model, init_weights  # noqa: E402
 
