@@ -120,6 +120,7 @@ def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
+@compile_disabled  # a compiled block (train.compile) runs it eagerly: CPU's compiled flex has no backward
 def flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale: float):
     """FlexAttention's eager reference (dense scores, the BlockMask's mask_mod applied to every pair), forward and
     backward, off CUDA.
@@ -128,11 +129,6 @@ def flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale: float):
     ("FlexAttention does not support backward on CPU"); the operator it calls has an eager autograd reference
     that runs on CPU, so CPU tests (and CPU runs with model.attn.backend=flex) get gradients through it.
     """
-    return _flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale)
-
-
-@compile_disabled  # a compiled block (train.compile) runs it eagerly: CPU's compiled flex has no backward
-def _flex_attention_eager(q_BHTK, k_BHTK, v_BHTV, block_mask, scale: float):
     from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
     from torch.nn.attention.flex_attention import _apply_kernel_options
 
