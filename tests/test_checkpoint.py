@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,44 +80,57 @@ def _wait_for(predicate, proc, timeout=120):
         time.sleep(0.05)
 
 
-def test_kill9_mid_run_then_resume_matches_uninterrupted(tmp_path):
-    ref = _cli(tmp_path / "ref", "train.steps=24", "checkpoint.interval=4")
+CRASH_RUN = ["train.steps=24", "checkpoint.interval=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The crash tests' reference: 24 steps in one go, every checkpoint kept (steps 4, 8, ..., 24)."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    ref = _cli(run, *CRASH_RUN, "checkpoint.keep_last=6")
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
-    proc = _cli(tmp_path / "run", "train.steps=24", "checkpoint.interval=4", wait=False)
+    return run
+
+
+def _weights_at(run_dir, step):
+    return _params(load_checkpoint_model(run_dir / "checkpoints" / f"step_{step:08d}"))
+
+
+def test_kill9_mid_run_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
+    proc = _cli(tmp_path / "run", *CRASH_RUN, wait=False)
     _wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000008" / "COMPLETE").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    again = _cli(tmp_path / "run", "train.steps=24", "checkpoint.interval=4")
+    again = _cli(tmp_path / "run", *CRASH_RUN)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout
-    _assert_same(_final_weights(tmp_path / "ref"), _final_weights(tmp_path / "run"))
+    _assert_same(_weights_at(uninterrupted, 24), _final_weights(tmp_path / "run"))
 
 
-def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, uninterrupted):
     run = tmp_path / "run"
-    assert _cli(run, "train.steps=10", "train.stop_at=5").returncode == 0
-    died = _cli(run, "train.steps=10", env={"MOETRAIN_FAULT_INJECT": "kill_during_save"})
+    assert _cli(run, *CRASH_RUN, "train.stop_at=8").returncode == 0
+    died = _cli(run, *CRASH_RUN, env={"MOETRAIN_FAULT_INJECT": "kill_during_save"})  # dies saving step 12
     assert died.returncode == -signal.SIGKILL
-    partial = run / "checkpoints" / "step_00000010.partial"
+    partial = run / "checkpoints" / "step_00000012.partial"
     assert any(partial.glob("*.distcp")) and not (partial / "COMPLETE").exists()  # tensors written, not marked
-    assert not (run / "checkpoints" / "step_00000010").exists()
-    resumed = _cli(run, "train.steps=10")
+    assert not (run / "checkpoints" / "step_00000012").exists()
+    resumed = _cli(run, *CRASH_RUN, "train.stop_at=12")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout and "step_00000005" in resumed.stdout
-    assert _cli(tmp_path / "ref", "train.steps=10").returncode == 0
-    _assert_same(_final_weights(tmp_path / "ref"), _final_weights(run))
+    assert "resuming from" in resumed.stdout and "step_00000008" in resumed.stdout
+    _assert_same(_weights_at(uninterrupted, 12), _weights_at(run, 12))
 
 
-def test_truncated_file_falls_back_with_warning_naming_it(tmp_path):
+def test_truncated_file_falls_back_with_warning_naming_it(tmp_path, uninterrupted):
     run = tmp_path / "run"
-    assert _cli(run, "train.steps=10", "checkpoint.interval=5").returncode == 0
-    victim = next((run / "checkpoints" / "step_00000010").glob("*.distcp"))
+    shutil.copytree(uninterrupted, run)
+    victim = next((run / "checkpoints" / "step_00000024").glob("*.distcp"))
     victim.write_bytes(victim.read_bytes()[:100])
-    resumed = _cli(run, "train.steps=12")
+    resumed = _cli(run, "train.steps=26", "checkpoint.interval=4")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert str(victim) in resumed.stdout
-    assert "resuming from" in resumed.stdout and "step_00000005" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "step_00000020" in resumed.stdout
 
 
 # NOTE: SIGUSR1 (Slurm's warning) takes the same path end to end in test_launch's Slurm preemption test.

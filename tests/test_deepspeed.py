@@ -41,7 +41,9 @@ def _deepspeed(run_dir, ep, dp, stage, *overrides):
                         f"parallel.zero_stage={stage}", *overrides)
 
 
-@pytest.mark.parametrize("ep,dp,stage,offload", [(1, 2, 1, False), (2, 2, 1, False), (1, 2, 2, True)])
+# ep 2 with ZeRO-1 is the layout of test_init_from_hf_reaches_zero_master_weights (against one process too), and
+# ep 2 with ZeRO-2 is test_deepspeed_zero2_expert_parallel_matches_and_resumes': no launch of its own here.
+@pytest.mark.parametrize("ep,dp,stage,offload", [(1, 2, 1, False), (1, 2, 2, True)])
 def test_deepspeed_layout_matches_one_process(tmp_path, reference, ep, dp, stage, offload):
     ref_dir, ref = reference
     records = _deepspeed(tmp_path, ep, dp, stage, f"parallel.offload_optimizer={str(offload).lower()}")

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from moetrain.checkpoint.convert import main as convert_main
 from moetrain.config import compose, to_job_config
 from moetrain.hf import from_hf_pretrained
 from moetrain.model import ConfigError
@@ -63,7 +64,8 @@ def _check_pipeline_run(run_dir, records, reference, pp, dp=1):
     assert len(measured) == pp and all(0.0 < float(b) < 1.0 for b in measured), report
 
 
-@pytest.mark.parametrize("schedule,extra", [("GPipe", []), ("1F1B", []), ("Interleaved1F1B", []),
+# 1F1B: test_pp4_1f1b_matches_one_process here, and at pp 2 the loss trace of tests/test_loss_trace.py.
+@pytest.mark.parametrize("schedule,extra", [("GPipe", []), ("Interleaved1F1B", []),
                                             ("DualPipeV", ["train.recompute=full"])])
 def test_pp2_schedule_matches_one_process(tmp_path, ref, schedule, extra):
     records = _train(tmp_path, 2, "parallel.pp=2", f"parallel.pp_schedule={schedule}", *extra)
@@ -110,12 +112,11 @@ def test_checkpoints_reshard_between_pp2_dp2_and_one_process(tmp_path, ref):
         shutil.rmtree(resumed)
     # The HF export of the pp = 2 checkpoint (its embedding saved once, though two stages hold it) gives the same
     # logits as the single-process one's.
+    # (`moetrain convert`'s command line: tests/test_readme.py; here its function, in this process.)
     logits = []
     for source in (run, ref_dir):
         out = tmp_path / f"hf_{source.name}"
-        proc = subprocess.run([sys.executable, "-m", "moetrain", "convert", "--to-hf", str(source / "checkpoints"),
-                               str(out)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert convert_main(["--to-hf", str(source / "checkpoints"), str(out)]) == 0
         model = from_hf_pretrained(out).eval()
         with torch.no_grad():
             logits.append(model(torch.arange(96).remainder(model.cfg.vocab_size).view(2, 48)))
