@@ -163,7 +163,8 @@ class Pipeline:
         return (stage.is_last and bool(stage.cfg.n_mtp_layers)) or self.recompute
 
     def _loss(self, outputs, labels_BT):
-        return self._loss_fn(outputs, labels_BT)
+        # NOTE: torch's shape inference passes a one-output stage's output bare, its runtime as a 1-tuple.
+        return self._loss_fn((outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs), labels_BT)
 
     def step(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, n_micro: int, loss_fn, **kwargs) -> None:
         """Forward and backward of ``n_micro`` micro-batches (the rows of the token ids inputs_BT, split evenly);
@@ -217,10 +218,11 @@ class Pipeline:
 
     # --------------------------------------------------------------------------------------- tied embedding
     def _embeddings(self) -> tuple[nn.Parameter | None, nn.Parameter | None]:
-        """(the first stage's embedding, the last stage's copy), each None where this rank has no such stage."""
+        """(the first stage's embedding, the last stage's copy), each None where this rank has no such stage (and the
+        copy None without MTP, whose last stage holds no embedding)."""
         first = self.stages[self.stage_ids.index(0)].embed.weight if 0 in self.stage_ids else None
-        last = self.n_stages - 1
-        copy_ = self.stages[self.stage_ids.index(last)].embed.weight if last in self.stage_ids else None
+        last, mtp = self.n_stages - 1, bool(self.stages[0].cfg.n_mtp_layers)
+        copy_ = self.stages[self.stage_ids.index(last)].embed.weight if mtp and last in self.stage_ids else None
         return first, copy_
 
     @torch.no_grad()
