@@ -35,7 +35,8 @@ class Activations:
     what GPUs run) or ``math`` (SDPA's fallback, what CPUs run when v_head_dim != qk_head_dim or with a mask:
     it keeps the T x T probabilities); seq_len: T; stage_logits: a pipeline's last stage returns every depth's
     logits, which the schedule keeps until backward; loss_chunk: ``train.loss_chunk_tokens``, the heads' loss
-    computed that many tokens at a time, keeping no logits (0: the full logits).
+    computed that many tokens at a time, keeping no logits (0: the full logits), also on a pipeline's last stage
+    (which then returns the loss sums, whatever stage_logits says).
     """
 
     a: int
@@ -135,10 +136,12 @@ def mtp_bytes(cfg: ModelConfig, depth: int, x: Activations) -> float:
     else:
         norms = _norm_kept(D, y) + (4 * D if y.a != 4 else 0) + 4 + y.a * D
     own = norms + 2 * y.a * D + block_bytes(cfg, cfg.n_layers + depth - 1, x)
-    if x.stage_logits:  # a pipeline stage returns the logits, which the schedule keeps
+    if x.loss_chunk:  # chunked: the logits never exist whole, pipeline stage or not; one log-sum-exp
+        logits = 4
+    elif x.stage_logits:  # a pipeline stage returns the logits, which the schedule keeps
         logits = (y.a + 4) * cfg.vocab_size
-    else:  # the logits die once the loss has its fp32 log-softmax (or, chunked, never exist whole)
-        logits = 4 if x.loss_chunk else 4 * cfg.vocab_size
+    else:  # the logits die once the loss has its fp32 log-softmax
+        logits = 4 * cfg.vocab_size
     return own + _norm_kept(D, y) + y.a * D + logits + 16
 
 

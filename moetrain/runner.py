@@ -15,7 +15,7 @@ import contextlib
 import torch
 from torch import nn
 
-from moetrain.model import lm_output, pop_balance_loss
+from moetrain.model import pop_balance_loss, stage_lm_output
 from moetrain.model.layers import is_recomputing
 from moetrain.model.moe import MoE
 from moetrain.parallel.mesh import ParallelMesh, all_reduce_sum
@@ -112,7 +112,8 @@ class LocalRunner(Runner):
 
 
 class PipelineRunner(Runner):
-    """This rank's pipeline stages (moetrain.parallel.pipeline) under the schedule; the loss on the last stage."""
+    """This rank's pipeline stages (moetrain.parallel.pipeline) under the schedule; the loss on the last stage (in
+    its forward when chunked: the stages then get the labels)."""
 
     def __init__(self, pipeline, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -121,17 +122,19 @@ class PipelineRunner(Runner):
     def forward_backward(self, micro_batches, n_tokens, mtp_lambda, global_batch):
         self._set_balance_loss_scale(micro_batches[0].tokens.shape[0], global_batch)
         sums = torch.zeros(3, device=self.device)
+        chunked = self.pipeline.chunked_loss
 
-        def loss_fn(logits, labels_BT):  # on the last stage, per micro-batch
-            out = lm_output(logits, labels_BT)
+        def loss_fn(outputs, labels_BT):  # on the last stage, per micro-batch
+            out = stage_lm_output(outputs, labels_BT, chunked)
             if not is_recomputing():  # not the schedule's shape inference
                 sums[:2] += torch.stack([out.lm_loss_sum.detach(), _mtp_mean(out).detach()])
             return out.loss(n_tokens, mtp_lambda)
 
         tokens = torch.cat([mb.tokens for mb in micro_batches])
+        labels = torch.cat([mb.labels for mb in micro_batches])
         with self.autocast():
-            self.pipeline.step(tokens, torch.cat([mb.labels for mb in micro_batches]), len(micro_batches), loss_fn,
-                               **self._stage_kwargs(micro_batches, tokens))
+            self.pipeline.step(tokens, labels, len(micro_batches), loss_fn,
+                               **self._stage_kwargs(micro_batches, tokens, labels))
         # Every micro-batch's balance losses, per layer of this rank's stages.
         sums[2] = self._balance_sum() * micro_batches[0].tokens.shape[0] / global_batch
         return sums
@@ -139,12 +142,16 @@ class PipelineRunner(Runner):
     @torch.no_grad()
     def evaluate(self, batch):
         with self.autocast():
-            logits = self.pipeline.forward_only(batch.tokens, **self._stage_kwargs([batch], batch.tokens))
-            return None if logits is None else lm_output(logits, batch.labels)
+            outputs = self.pipeline.forward_only(batch.tokens,
+                                                 **self._stage_kwargs([batch], batch.tokens, batch.labels))
+            return None if outputs is None else stage_lm_output(outputs, batch.labels, self.pipeline.chunked_loss)
 
-    def _stage_kwargs(self, batches, tokens_BT) -> dict:
-        """What every stage gets besides its input: the tokens (MTP's embeddings) and the document masks."""
+    def _stage_kwargs(self, batches, tokens_BT, labels_BT) -> dict:
+        """What every stage gets besides its input: the tokens (MTP's embeddings), the document masks, and the
+        labels when the last stage computes the chunked loss in its forward."""
         kwargs = {"tokens_BT": tokens_BT}
+        if self.pipeline.chunked_loss:
+            kwargs["labels_BT"] = labels_BT
         if self.document_mask:
             positions = [b.document_positions() for b in batches]
             kwargs.update(doc_ids_BT=torch.cat([d for d, _ in positions]),

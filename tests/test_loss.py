@@ -1,5 +1,6 @@
 """The chunked cross entropy (train.loss_chunk_tokens) against the plain one: the loss and every gradient, alone,
-through the whole model with MTP and through the trainer; the memory it keeps, as the allocator counts it."""
+through the whole model with MTP, through a pipeline's last stage and through the trainer; the memory it keeps, as
+the allocator counts it."""
 
 import importlib.util
 from pathlib import Path
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 
 from conftest import make_model, small_config, small_job
 from moetrain.config import compose, to_job_config
-from moetrain.model import IGNORE_INDEX, ConfigError
+from moetrain.model import IGNORE_INDEX, stage_lm_output
 from moetrain.model.loss import chunked_ce_sum
+from moetrain.parallel.pipeline_layout import SCHEDULES
 
 _spec = importlib.util.spec_from_file_location("recompute_bench", Path(__file__).parents[1] / "benchmarks" / "recompute.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -181,13 +183,59 @@ def test_bad_chunk_sizes_name_the_key(value):
     assert "loss_chunk_tokens" in str(e.value)
 
 
-def test_pipeline_refuses_the_chunked_loss():
-    with pytest.raises(ConfigError, match="train.loss_chunk_tokens"):
-        to_job_config(compose(["parallel.pp=2", "train.loss_chunk_tokens=512", "train.global_batch_size=32",
-                               "train.micro_batch_size=8"]), 2)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_pipeline_schedule_accepts_the_chunked_loss(schedule):
+    job = to_job_config(compose(["parallel.pp=2", f"parallel.pp_schedule={schedule}", "train.loss_chunk_tokens=512",
+                                 "train.global_batch_size=32", "train.micro_batch_size=4"]), 2)
+    assert job.train.loss_chunk_tokens == 512 and job.parallel.pp == 2
 
 
-# FSDP2 with the chunked loss against one unchunked process: one of tests/test_expert_parallel.py's layout launches.
+def test_pipeline_last_stage_computes_the_chunked_loss_and_returns_no_logits():
+    """Two stages of one model in one process: the last one, given the labels, returns the 0-dim loss sums of the
+    main and MTP heads, never calls the head and keeps no [tokens, vocab] tensor for backward; the loss and every
+    gradient equal the unchunked whole model's."""
+    torch.manual_seed(0)
+    cfg = small_config()
+    cfg.n_mtp_layers, cfg.vocab_size = 2, 80  # V = 80: no other width of the model (64 = 2D is eh_proj's input)
+    model = make_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    labels = tokens.roll(-1, 1)
+    labels[0, 4:6] = IGNORE_INDEX
+    ref, ref_grads = _model_grads(model, tokens, labels, 0)
+
+    model.loss_chunk_tokens = 7  # before stage(): every stage takes the model's value
+    first, last = model.stage([0], True, False, model.embed), model.stage([1], False, True, model.embed)
+    assert last.loss_chunk_tokens == 7
+    model.zero_grad(set_to_none=True)
+    saved_V = []  # shapes of the tensors autograd keeps whose last dimension is the vocabulary
+
+    def pack(t):
+        if t.dim() and t.shape[-1] == cfg.vocab_size:
+            saved_V.append(tuple(t.shape))
+        return t
+
+    hook = model.head.register_forward_hook(lambda *_: pytest.fail("the chunked stage called the head"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = last(first(tokens), labels_BT=labels, tokens_BT=tokens)
+    hook.remove()
+    assert isinstance(outputs, tuple) and [o.shape for o in outputs] == [torch.Size([])] * 3
+    assert saved_V == []
+    got = stage_lm_output(outputs, labels, chunked=True)
+    got.loss(got.n_tokens, 0.3).backward()
+    assert got.logits is None and torch.equal(got.n_tokens, ref.n_tokens)
+    assert _relative(got.lm_loss_sum, ref.lm_loss_sum) < FP32
+    for k in range(2):
+        assert _relative(got.mtp_loss_sums[k], ref.mtp_loss_sums[k]) < FP32
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        assert _relative(grads[name], ref_grads[name]) < FP32, name
+    with pytest.raises(ValueError, match="train.loss_chunk_tokens"):  # no labels: no loss, and no logits either
+        last(first(tokens), tokens_BT=tokens)
+
+
+# FSDP2 with the chunked loss against one unchunked process: one of tests/test_expert_parallel.py's layout launches;
+# under pipeline stages with FSDP2, ZBVZeroBubble and MTP depth 2: one of tests/test_pipeline.py's.
 
 
 def test_a_step_with_the_chunked_loss_reads_the_host_once(tmp_path):

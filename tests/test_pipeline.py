@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from moetrain.checkpoint.convert import main as convert_main
 from moetrain.config import compose, to_job_config
@@ -88,10 +89,18 @@ def test_pp4_1f1b_matches_one_process(tmp_path, ref):
 
 
 def test_pp2_ep2_dp2_zero_bubble_matches_one_process(tmp_path, ref_deep, ref_deep_dp2):
-    # FSDP2 inside each of the 4 stages over 2 data-parallel ranks that are also the expert-parallel group; the
-    # V-shaped tie of the embedding with sharded gradients; validation through sharded stages.
+    """FSDP2 inside each of the 4 stages over 2 data-parallel ranks that are also the expert-parallel group; the
+    V-shaped tie of the embedding with sharded gradients; validation through sharded stages.
+
+    The same launch runs the chunked loss (train.loss_chunk_tokens=40, which divides no micro-batch's 256 tokens):
+    the last stage computes the main and both MTP heads' cross-entropy in its forward, with the head's weight
+    FSDP2 gathered, under the split-backward schedule. It equals the unchunked loss within fp32 rounding (only the
+    summation order differs, tests/test_loss.py), so the comparison with the unchunked references still holds;
+    tests/test_loss.py checks in one process that such a stage returns no logits.
+    """
     records = _train(tmp_path, 4, "parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=ZBVZeroBubble",
-                     "parallel.pp_layout=[1,1,1,1]", *DEEP)
+                     "parallel.pp_layout=[1,1,1,1]", "train.loss_chunk_tokens=40", *DEEP)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["loss_chunk_tokens"] == 40
     _check_pipeline_run(tmp_path, records, ref_deep, 2, dp=2)
     assert records[-1]["val_loss"] == pytest.approx(ref_deep_dp2[1][-1]["val_loss"], rel=1e-5)
     assert all(r["routing_ranks_per_token"] >= 1.0 for r in records)

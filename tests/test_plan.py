@@ -161,6 +161,29 @@ def test_plan_counts_the_chunked_loss():
     assert "loss in chunks of 1000 tokens" in render_table({**chunked, "warnings": []})
 
 
+def test_plan_counts_the_chunked_loss_on_the_last_pipeline_stage():
+    """Under pp the last stage returns the loss sums instead of every depth's logits, which the schedule kept."""
+    from moetrain.config import compose, to_job_config
+    from moetrain.planner import plan_ranks
+
+    def ranks(*overrides):
+        job = to_job_config(compose(["model=proxy", "train.seq_len=4096", "train.global_batch_size=8",
+                                     "train.micro_batch_size=1", "train.steps=10", "precision=bf16", "parallel.pp=2",
+                                     *overrides]), 2)
+        return plan_ranks(job, 2)
+
+    full, chunked = ranks(), ranks("train.loss_chunk_tokens=1000")
+    cfg = load_preset("proxy")
+    N, C, V, D, a, heads = 4096, 1000, cfg.vocab_size, cfg.dim, 2, 1 + cfg.n_mtp_layers
+    assert chunked[0].total == full[0].total  # the first stage holds no head
+    assert chunked[1].last and chunked[1].in_flight == full[1].in_flight == 1  # 1F1B: the last stage holds one
+    # Kept per micro-batch in flight: every head's bf16 logits and fp32 log-softmax, for one log-sum-exp per
+    # token and head. Working: as on one process (the fp32 gradient of N tokens' logits, for one chunk's).
+    kept = N * heads * ((a + 4) * V - 4)
+    working = N * 4 * V - (C * V * (a + 4) + N * D * (4 + a))
+    assert full[1].total - chunked[1].total == pytest.approx(kept + working, rel=1e-6)
+
+
 def test_unknown_gpu_is_refused_naming_the_key():
     proc = subprocess.run([sys.executable, "-m", "moetrain", "plan", "plan.gpu=TPUv9"], capture_output=True,
                           text=True, timeout=120)

@@ -92,11 +92,6 @@ def check_pipeline(parallel: ParallelConfig, model: ModelConfig, train: TrainCon
     from moetrain.parallel.pipeline_layout import chunks_per_rank, resolve_layout, schedule_spec
 
     spec = schedule_spec(parallel.pp_schedule)
-    # NOTE: the schedule's loss gets the last stage's outputs, which are the heads' logits: chunking would need
-    # the head inside the loss function.
-    require(parallel.pp == 1 or not train.loss_chunk_tokens, "train.loss_chunk_tokens",
-            f"the chunked loss runs on the whole model only; with parallel.pp={parallel.pp} the last stage returns "
-            "the heads' full logits to the schedule's loss: set train.loss_chunk_tokens=0")
     if parallel.pp == 1:
         require(parallel.pp_layout is None, "parallel.pp_layout", "is for pipeline stages; it needs parallel.pp > 1")
         return

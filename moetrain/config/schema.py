@@ -177,8 +177,8 @@ class TrainConfig:
     # Tokens per chunk of the main and MTP heads' cross entropy (moetrain.model.loss): each chunk's logits are
     # computed, used and dropped, and recomputed in backward, so no [tokens, vocab] logits are ever held (at
     # V3's vocabulary in bf16 0.8 MB per token for the main head and 0.5 MB per MTP head otherwise). 0 = off: the
-    # full logits, which the model's output then carries (LMOutput.logits). Needs parallel.pp=1: a pipeline's last
-    # stage hands the schedule logits.
+    # full logits, which the model's output then carries (LMOutput.logits). Under parallel.pp > 1 the last stage
+    # computes it in its forward and hands the schedule the loss sums instead of the logits.
     loss_chunk_tokens: int = 0
     compile: bool = False  # torch.compile each block
     val_interval: int = 0  # steps between validation passes; 0 = never

@@ -4,7 +4,8 @@ Pipeline slicing (the seam for pipeline parallelism): ``embed``, ``layers`` (a M
 index, so parameter names survive when a stage keeps only a contiguous range), ``norm``, ``head`` and ``mtp`` are
 top-level attributes, and a block's forward takes and returns tensors only. A pipeline stage
 (:mod:`moetrain.parallel.pipeline`) is a Transformer holding some of them: without the embedding it takes hidden
-states, without the head it returns them, and its last stage returns the head's logits for :func:`lm_output`.
+states, without the head it returns them, and its last stage returns the heads' logits for :func:`lm_output`, or
+with ``loss_chunk_tokens`` the loss sums it computed itself, chunk by chunk (:func:`stage_lm_output`).
 
 Shapes: B batch, T tokens, D model dim, V vocabulary.
 """
@@ -89,6 +90,10 @@ class LMOutput:
             total = total + mtp_lambda / len(self.mtp_loss_sums) * torch.stack(self.mtp_loss_sums).sum()
         return total / n_global_tokens
 
+    def sums(self) -> tuple[torch.Tensor, ...]:
+        """The loss sums ``(main, depth 1, ..., depth D)``, each 0-dim: what a chunked last stage returns."""
+        return (self.lm_loss_sum, *self.mtp_loss_sums)
+
 
 # A pytree node, so that wrappers (FSDP2, torch.compile) see the tensors inside the output.
 register_pytree_dataclass(LMOutput)
@@ -113,6 +118,14 @@ def chunked_lm_output(h: list[torch.Tensor], head_w_VD: torch.Tensor, labels_BT:
     return _lm_output(h, labels_BT, ce_sum, None)
 
 
+def stage_lm_output(outputs: tuple[torch.Tensor, ...], labels_BT: torch.Tensor, chunked: bool) -> LMOutput:
+    """A pipeline's loss function, on its last stage's outputs: the heads' logits (:func:`lm_output`) or, chunked,
+    the loss sums that stage computed in its forward (:meth:`LMOutput.sums`; no logits)."""
+    if not chunked:
+        return lm_output(outputs, labels_BT)
+    return LMOutput(None, outputs[0], list(outputs[1:]), n_tokens=(labels_BT != IGNORE_INDEX).sum())
+
+
 def _lm_output(xs, labels_BT: torch.Tensor, ce_sum, logits: torch.Tensor | None) -> LMOutput:
     """Depth k's loss sum from ``ce_sum(xs[k], labels of depth k)``."""
     out = LMOutput(logits, ce_sum(xs[0], labels_BT), n_tokens=(labels_BT != IGNORE_INDEX).sum())
@@ -124,8 +137,8 @@ def _lm_output(xs, labels_BT: torch.Tensor, ce_sum, logits: torch.Tensor | None)
 
 
 class Transformer(nn.Module):
-    # Tokens per chunk of the whole model's loss (train.loss_chunk_tokens, set from outside); 0: the head's full
-    # logits. A pipeline stage returns logits whatever it is.
+    # Tokens per chunk of the heads' loss (train.loss_chunk_tokens, set from outside, kept by every stage); 0: the
+    # heads' full logits.
     loss_chunk_tokens: int = 0
 
     def __init__(self, cfg: ModelConfig):
@@ -147,6 +160,7 @@ class Transformer(nn.Module):
         stage = uninitialised(Transformer)
         stage.cfg = self.cfg
         stage.is_first, stage.is_last, stage.is_stage = first, last, True
+        stage.loss_chunk_tokens = self.loss_chunk_tokens
         if embed is not None:
             stage.embed = embed
         stage.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in layer_ids})
@@ -163,8 +177,9 @@ class Transformer(nn.Module):
 
         Pipeline stage: ``x`` = tokens on the first stage, else the hidden state [B, T, D]; returns the hidden state,
         or on the last stage the logits of the main head and of every MTP depth (for :func:`lm_output`), whose
-        embeddings need ``tokens_BT``. doc_ids_BT restricts attention to each packed document; position_ids_BT
-        restarts RoPE per document.
+        embeddings need ``tokens_BT``; with ``loss_chunk_tokens`` the last stage needs ``labels_BT`` and returns
+        the loss sums instead (:meth:`LMOutput.sums`), never the logits. doc_ids_BT restricts attention to each
+        packed document; position_ids_BT restarts RoPE per document.
         """
         T = x.shape[1]
         if T > self.cfg.max_seq_len:
@@ -180,19 +195,23 @@ class Transformer(nn.Module):
         h = self.norm(h)  # h_0 of the MTP modules is the normed state too
         if labels_BT is None and not self.is_stage:
             return self.head(h)
-        # Chunked: each depth's head input goes to the loss, which computes the logits a chunk at a time.
-        chunked = not self.is_stage and self.loss_chunk_tokens > 0
+        # Chunked: each depth's head input goes to the loss, which computes the logits a chunk at a time. A last
+        # stage computes it here too, not in the schedule's loss function: inside forward a data-parallel wrapper
+        # (FSDP2) has the head's weight gathered, as on the whole model.
+        chunked = self.loss_chunk_tokens > 0
+        if chunked and labels_BT is None:
+            raise ValueError("train.loss_chunk_tokens: a pipeline's last stage computes the chunked loss in its "
+                             "forward and needs labels_BT (it never returns the logits)")
         outs = [h if chunked else self.head(h)]
         tokens_BT = x if tokens_BT is None and self.is_first else tokens_BT
         for k, mtp in enumerate(self.mtp.values(), start=1):
             # Position i sees Emb(t_{i+k}) and predicts t_{i+k+1}.
             h = mtp(h, self.embed(tokens_BT.roll(-k, dims=1)), freqs_cis, attn_mask)
             outs.append(h if chunked else self.head(h))
-        if self.is_stage:
-            return tuple(outs)
         if chunked:
-            return chunked_lm_output(outs, self.head.weight, labels_BT, self.loss_chunk_tokens)
-        return lm_output(outs, labels_BT)
+            out = chunked_lm_output(outs, self.head.weight, labels_BT, self.loss_chunk_tokens)
+            return out.sums() if self.is_stage else out
+        return tuple(outs) if self.is_stage else lm_output(outs, labels_BT)
 
 
 def _ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

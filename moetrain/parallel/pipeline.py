@@ -3,8 +3,10 @@
 :func:`split_stages` cuts the (meta) model: every stage is a :class:`Transformer` holding its blocks and ends
 (shared modules, so parameter names stay global), and ``part`` holds everything this rank owns under the same
 names, for the optimizer, state dicts, initialisation and the balance state. The loss is
-:func:`moetrain.model.lm_output` applied to the last stage's logits, normalised by the global target-token count;
-the schedule's own gradient scaling is off (moetrain's loss is already a global sum).
+:func:`moetrain.model.stage_lm_output` applied to the last stage's outputs (the heads' logits, or with
+``train.loss_chunk_tokens`` the loss sums that stage computed in its forward from the labels it gets as a keyword),
+normalised by the global target-token count; the schedule's own gradient scaling is off (moetrain's loss is
+already a global sum).
 
 MTP on the last stage needs ``Emb(t_{i+k})``: the last stage keeps a tied copy of the embedding. Its gradient
 and the first stage's are summed before the optimizer step (:meth:`Pipeline.tie_embedding_grads`) and both take
@@ -128,6 +130,8 @@ class Pipeline:
         self.mesh, self.device = mesh, device
         self.n_stages = len(layout)
         self.ranks = stage_ranks(mesh.pp, self.n_stages, spec.v_shaped)
+        # The last stage computes the chunked loss in its forward: every stage gets the labels (labels_BT).
+        self.chunked_loss = stages[0].loss_chunk_tokens > 0
         self._schedule_of: tuple[int, object, list[_TimedStage]] | None = None  # (micro-batches, schedule, stages)
         self.busy_s = self.wall_s = 0.0  # since the last pop_bubble
         self.run_busy_s = self.run_wall_s = 0.0
@@ -158,17 +162,20 @@ class Pipeline:
 
         NOTE: torch 2.13's split backward (stage_backward_input / _weight) fails or double-counts when one weight
         is used at several points of one autograd path (pytorch/pytorch#180952): the shared head of the MTP
-        depths on the last stage, and recomputed blocks (their forward re-runs inside the input pass).
+        depths on the last stage, and recomputed blocks (their forward re-runs inside the input pass). The chunked
+        loss (moetrain.model.loss) makes h's and the head's gradients from one recomputation of each block of
+        logits: split, the input pass and the weight pass would each run all of it (correct, at twice the cost).
         """
-        return (stage.is_last and bool(stage.cfg.n_mtp_layers)) or self.recompute
+        return (stage.is_last and (bool(stage.cfg.n_mtp_layers) or self.chunked_loss)) or self.recompute
 
     def _loss(self, outputs, labels_BT):
-        return self._loss_fn(outputs, labels_BT)
+        # NOTE: torch's shape inference passes a one-output stage's output bare, its runtime as a 1-tuple.
+        return self._loss_fn((outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs), labels_BT)
 
     def step(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, n_micro: int, loss_fn, **kwargs) -> None:
         """Forward and backward of ``n_micro`` micro-batches (the rows of the token ids inputs_BT, split evenly);
-        ``loss_fn(logits, labels)`` runs on the last stage per micro-batch; ``kwargs`` (document ids, positions,
-        the tokens for MTP) reach every stage."""
+        ``loss_fn(outputs, labels)`` runs on the last stage per micro-batch, on the tuple of its outputs; ``kwargs``
+        (document ids, positions, the tokens for MTP, the labels of the chunked loss) reach every stage."""
         first_use = self._schedule_of is None or self._schedule_of[0] != n_micro
         schedule, timed = self._schedule(n_micro, loss_fn)
         if self.device.type == "cuda":
@@ -196,9 +203,9 @@ class Pipeline:
     # --------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def forward_only(self, inputs_BT: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...] | None:
-        """One batch through every stage in order, forward only; the last stage's rank gets its logits."""
+        """One batch through every stage in order, forward only; the last stage's rank gets its outputs."""
         group, me = self.mesh.pp_group, self.mesh.pp_rank
-        h, logits = None, None
+        h, outputs = None, None
         for s in range(self.n_stages):
             if self.ranks[s] != me:
                 continue
@@ -208,19 +215,20 @@ class Pipeline:
                 h = _recv(inputs_BT.shape + (self.stages[0].cfg.dim,), self.ranks[s - 1], group, self.device)
             out = self.stages[self.stage_ids.index(s)](h, **kwargs)
             if s == self.n_stages - 1:
-                logits = out
+                outputs = out
             elif self.ranks[s + 1] != me:
                 _send(out, self.ranks[s + 1], group)
             else:
                 h = out
-        return logits
+        return outputs
 
     # --------------------------------------------------------------------------------------- tied embedding
     def _embeddings(self) -> tuple[nn.Parameter | None, nn.Parameter | None]:
-        """(the first stage's embedding, the last stage's copy), each None where this rank has no such stage."""
+        """(the first stage's embedding, the last stage's copy), each None where this rank has no such stage (and the
+        copy None without MTP, whose last stage holds no embedding)."""
         first = self.stages[self.stage_ids.index(0)].embed.weight if 0 in self.stage_ids else None
-        last = self.n_stages - 1
-        copy_ = self.stages[self.stage_ids.index(last)].embed.weight if last in self.stage_ids else None
+        last, mtp = self.n_stages - 1, bool(self.stages[0].cfg.n_mtp_layers)
+        copy_ = self.stages[self.stage_ids.index(last)].embed.weight if mtp and last in self.stage_ids else None
         return first, copy_
 
     @torch.no_grad()
