@@ -65,12 +65,24 @@ def _check_pipeline_run(run_dir, records, reference, pp, dp=1):
     assert len(measured) == pp and all(0.0 < float(b) < 1.0 for b in measured), report
 
 
-# 1F1B: test_pp4_1f1b_matches_one_process here, and at pp 2 the loss trace of tests/test_loss_trace.py.
-@pytest.mark.parametrize("schedule,extra", [("GPipe", []), ("Interleaved1F1B", []),
-                                            ("DualPipeV", ["train.recompute=full"])])
-def test_pp2_schedule_matches_one_process(tmp_path, ref, schedule, extra):
+@pytest.fixture(scope="module")
+def ref_no_mtp(tmp_path_factory):
+    """One process, no MTP (the last stage then holds no embedding and returns one output)."""
+    run = tmp_path_factory.mktemp("ref_no_mtp")
+    return run, train_reference(run, *VAL, *NO_MTP)
+
+
+NO_MTP = ["model.n_mtp_layers=0"]
+
+
+# 1F1B: test_pp4_1f1b_matches_one_process here, and at pp 2 the loss trace of tests/test_loss_trace.py. GPipe runs
+# without MTP and with the chunked loss (the last stage's one output is its loss sum).
+@pytest.mark.parametrize("schedule,extra", [("GPipe", [*NO_MTP, "train.loss_chunk_tokens=40"]),
+                                            ("Interleaved1F1B", []), ("DualPipeV", ["train.recompute=full"])])
+def test_pp2_schedule_matches_one_process(tmp_path, request, schedule, extra):
+    reference = request.getfixturevalue("ref_no_mtp" if NO_MTP[0] in extra else "ref")
     records = _train(tmp_path, 2, "parallel.pp=2", f"parallel.pp_schedule={schedule}", *extra)
-    _check_pipeline_run(tmp_path, records, ref, 2)
+    _check_pipeline_run(tmp_path, records, reference, 2)
 
 
 def test_pp2_zero_bubble_with_mtp2_document_mask_and_flex_attention_matches_one_sdpa_process(tmp_path, ref_deep):
