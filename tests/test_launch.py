@@ -99,11 +99,14 @@ SMALL = ["data.demo_bytes=20000", "train.seq_len=32", "train.micro_batch_size=4"
          "train.val_interval=0", "logging.console=false"]
 
 
-def _moetrain(cwd, *args):
+def _moetrain(cwd, *args, env=None):
     proc = subprocess.run([sys.executable, "-m", "moetrain", "train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+WANDB = ["logging.wandb.enabled=true", "logging.wandb.mode=offline"]
 
 
 def test_sweep_jobs_train_in_their_own_run_dirs(tmp_path):
@@ -123,32 +126,23 @@ def test_sweep_jobs_train_in_their_own_run_dirs(tmp_path):
 
 
 def test_the_same_command_continues_in_the_same_default_run_dir(tmp_path):
-    first = _moetrain(tmp_path, "train.steps=2", *SMALL)
-    again = _moetrain(tmp_path, "train.steps=4", *SMALL)  # more steps: the same run
+    """The same command continues its run in its default run dir, and its wandb run (offline here): a requeued or
+    resubmitted job logs to the same wandb run. logging.* keys do not name the run dir."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    first = _moetrain(tmp_path, "train.steps=2", *SMALL, *WANDB, env=env)
+    again = _moetrain(tmp_path, "train.steps=4", *SMALL, *WANDB, env=env)  # more steps: the same run
     (run,) = (tmp_path / "runs").iterdir()
     assert "continuing after step 2" in (run / "train.log").read_text()
     assert (run / "checkpoints" / "step_00000004" / "COMPLETE").exists()
     assert "UserWarning" not in first.stderr + again.stderr  # library warnings stay off the console
-    _moetrain(tmp_path, "train.steps=2", "optim.lr=1e-3", *SMALL)  # another command: another run
-    assert len(list((tmp_path / "runs").iterdir())) == 2
-
-
-def test_wandb_run_continues_across_resumes(tmp_path):
-    """One wandb run per run.dir (offline here): a resumed (requeued, resubmitted) job logs to the same run."""
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    for steps in (2, 4):
-        proc = subprocess.run([sys.executable, "-m", "moetrain", "train", "run.dir=run", f"train.steps={steps}",
-                               "logging.wandb.enabled=true", "logging.wandb.mode=offline", *SMALL], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
-    run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    run_id = (run / "wandb_run_id").read_text().strip()
     assert len(runs) == 2 and all(r.endswith(run_id) for r in runs), runs
     # Starting over (checkpoint.resume=none) is another wandb run: its steps would otherwise be dropped by wandb.
-    subprocess.run([sys.executable, "-m", "moetrain", "train", "run.dir=run", "train.steps=2", "checkpoint.resume=none",
-                    "logging.wandb.enabled=true", "logging.wandb.mode=offline", *SMALL], cwd=tmp_path, env=env,
-                   capture_output=True, check=True, timeout=300)
-    assert (tmp_path / "run" / "wandb_run_id").read_text().strip() != run_id
+    _moetrain(tmp_path, "train.steps=2", "checkpoint.resume=none", *SMALL, *WANDB, env=env)
+    assert (run / "wandb_run_id").read_text().strip() != run_id
+    _moetrain(tmp_path, "train.steps=2", "optim.lr=1e-3", *SMALL)  # another command: another run
+    assert len(list((tmp_path / "runs").iterdir())) == 2
 
 
 def test_docker_image_keeps_its_torch_and_passes_hadolint():
@@ -193,34 +187,35 @@ def test_srun_one_task_per_device_takes_ranks_from_slurm(tmp_path):
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
-    _moetrain(tmp_path, "run.dir=run", "train.steps=4", "train.profile.steps=[2,3]", *SMALL)
+def test_profile_trace_and_tensorboard_events(tmp_path):
+    """One run with train.profile.steps and TensorBoard on: a trace of the chosen steps, and event files holding
+    the metrics."""
+    _moetrain(tmp_path, "run.dir=run", "train.steps=4", "train.profile.steps=[2,3]", "logging.interval=1",
+              "logging.tensorboard.enabled=true", *SMALL)
     (trace,) = (tmp_path / "run" / "profile").iterdir()
     assert trace.name == "rank_0_steps_2-3.json"
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)  # the steps' operators are in it
     assert "profile: steps [2, 3] of rank 0" in (tmp_path / "run" / "train.log").read_text()
+    _assert_tensorboard_holds_the_metrics(tmp_path / "run")
     _moetrain(tmp_path, "run.dir=other", "train.steps=2", "train.profile.steps=[1,1]", "train.profile.ranks=[1]",
               *SMALL)
     assert not (tmp_path / "other" / "profile").exists()  # rank 0 was not chosen
 
 
-def test_tensorboard_event_files_hold_the_metrics(tmp_path):
-    pytest.importorskip("tensorboard")
+def _assert_tensorboard_holds_the_metrics(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _moetrain(tmp_path, "run.dir=run", "train.steps=3", "logging.interval=1", "logging.tensorboard.enabled=true",
-              *SMALL)
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"histograms": 0})  # 0 = all
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0})  # 0 = all
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert {"loss", "grad_norm", "max_violation_per_layer/0"} <= set(scalars)
-    records = _records(tmp_path / "run")
-    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    records = _records(run_dir)
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in records] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in records])
     # Tokens per expert: one histogram per MoE layer and record, over the experts' loads of that record.
     loads = events.Histograms("expert_load/moe_layer_0")
-    assert [h.step for h in loads] == [1, 2, 3]
+    assert [h.step for h in loads] == [1, 2, 3, 4]
     for h, r in zip(loads, records):
         assert h.histogram_value.num == len(r["expert_load"][0])
         assert h.histogram_value.sum == pytest.approx(sum(r["expert_load"][0]))
