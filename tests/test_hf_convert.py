@@ -1,8 +1,6 @@
 """Hugging Face conversion: export of a trained model, HF -> moetrain -> HF identity, FP8 dequantisation."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from moetrain.checkpoint.convert import load_checkpoint_model  # noqa: E402
+from moetrain.checkpoint.convert import load_checkpoint_model, main as convert_main  # noqa: E402
 from moetrain.checkpoint.manager import resolve_checkpoint  # noqa: E402
 from moetrain.config import compose, to_job_config  # noqa: E402
 from moetrain.hf import SafetensorsDir, from_hf_pretrained  # noqa: E402
@@ -21,10 +19,9 @@ SMALL = ["logging.console=false", "train.val_interval=0", "data.demo_bytes=20000
 
 
 def _convert(*args):
-    proc = subprocess.run([sys.executable, "-m", "moetrain", "convert", *args], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
+    """``moetrain convert ARGS``, its function in this process (the command line itself: tests/test_readme.py and
+    tests/test_bad_input_checkpoint.py)."""
+    assert convert_main(list(args)) == 0
 
 
 @pytest.fixture(scope="module")
