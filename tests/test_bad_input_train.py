@@ -75,8 +75,9 @@ def test_cli_config_error_is_one_line_with_exit_status_2(tmp_path, args, key):
     assert len(lines) == 1 and lines[0].startswith("moetrain: error:") and key in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()  # a refused run leaves no directory behind
-    full = _cli("train", *args, f"run.dir={tmp_path}/run", env={"HYDRA_FULL_ERROR": "1"})
-    assert full.returncode != 0 and "Traceback" in full.stderr
+    if key == "optim.lr":  # one kind of error suffices: Hydra's switch gives the traceback back
+        full = _cli("train", *args, f"run.dir={tmp_path}/run", env={"HYDRA_FULL_ERROR": "1"})
+        assert full.returncode != 0 and "Traceback" in full.stderr
 
 
 # ------------------------------------------------------------------------------------------------ run dir lock
