@@ -121,10 +121,10 @@ def test_blockwise_autograd_on_the_emulated_kernel_matches_the_emulation():
 def test_blockwise_kernel_operands_pass_torchs_cuda_checks():
     """Blockwise F.scaled_mm has no CPU kernel, but torch checks a CUDA call's operands on the meta device too
     (its meta kernel, 2.13): E4M3 row-major x column-major, 1x128 scales outer-dim-major [M, K/128], 128x128 scales
-    [K/128, N/128] column-major. Fprop and Dgrad (the weight's blocks transposed), at the features the conversion
-    lets through (multiples of 512); and a wrong layout is refused, so the check is live."""
+    [round_up(K/128, 4), N/128] column-major. Fprop and Dgrad (the weight's blocks transposed), with K/128 not a
+    multiple of 4 too; and a wrong layout is refused, so the check is live."""
     gemm = DenseGemm("blockwise")
-    for M, K, N in ((40, 512, 1024), (256, 7168, 1536), (16, 512, 512)):
+    for M, K, N in ((40, 640, 384), (256, 7168, 1536), (16, 128, 128)):
         assert gemm.supports(K, N, torch.device("cuda"))
         x, w, dy = (torch.empty(*s, device="meta") for s in ((M, K), (N, K), (M, N)))
         xq, x_scale = gemm.quantize_activation(x)
@@ -135,6 +135,18 @@ def test_blockwise_kernel_operands_pass_torchs_cuda_checks():
     S = F.ScalingType
     with pytest.raises(RuntimeError, match="stride"):  # row-major 1x128 scales
         F.scaled_mm(xq, wq.t(), x_scale.contiguous(), S.BlockWise1x128, w_scale.t(), S.BlockWise128x128)
+
+
+def test_blockwise_features_in_ragged_block_groups_only_where_the_kernel_takes_them(monkeypatch):
+    """A torch whose kernel refuses 128x128 scales padded to groups of 4 blocks: features in whole groups only."""
+    import moetrain.precision.scaled_gemm as scaled_gemm
+
+    monkeypatch.setattr(scaled_gemm, "probe", lambda gemm, device, blocks=(4, 8): "refused" if blocks[0] % 4 else None)
+    cuda = torch.device("cuda")  # supports() only reads the type
+    assert scaled_gemm.probe_ragged_blocks(DenseGemm("current"), cuda) == DenseGemm("current")
+    gemm = scaled_gemm.probe_ragged_blocks(DenseGemm("blockwise"), cuda)
+    assert gemm.block_align == 512 and gemm.supports(1024, 7168, cuda) and not gemm.supports(640, 1024, cuda)
+    assert DenseGemm("blockwise").supports(640, 384, cuda) and not DenseGemm("blockwise").supports(576, 512, cuda)
 
 
 def _rowwise_reference(x, w_ENK, dy, counts, pow2=False):
@@ -329,6 +341,7 @@ def test_blockwise_scaled_mm_matches_the_emulation_on_hopper(pow2):
     _within(dx, dx_e, dyq, wq.t(), BF16_ROUNDING)
     _within(dw, dw_e, dyq.t(), xq.t())
     assert probe(DenseGemm("blockwise", pow2), cuda) is None
+    assert probe(DenseGemm("blockwise", pow2), cuda, (3, 5)) is None  # K/128 not a multiple of 4: scales padded
 
 
 @hopper

@@ -84,8 +84,10 @@ class Precision:
             unfit = convert_native(model, self.fp8.recipe, self.fp8.pow2_scales, self.native_gemms, self.device)
             log(f"precision: native FP8, {self.native_gemms.describe()}")
             if unfit:
-                log(f"precision: {len(unfit)} GEMM module(s) emulated, their dimensions not the scaled kernel's "
-                    f"(blockwise: multiples of 512; otherwise of 16): {', '.join(unfit[:4])}"
+                aligns = {k: getattr(self.native_gemms, k).align for k in ("dense", "experts")
+                          if getattr(self.native_gemms, k) is not None}
+                log(f"precision: {len(unfit)} GEMM module(s) emulated, their features not multiples of the scaled "
+                    f"kernels' ({', '.join(f'{k} {a}' for k, a in aligns.items())}): {', '.join(unfit[:4])}"
                     f"{' ...' if len(unfit) > 4 else ''}")
 
     def checkpoint_fn(self):

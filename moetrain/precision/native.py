@@ -33,8 +33,9 @@ from torch import nn
 from moetrain.model.config import ConfigError
 from moetrain.model.experts import GroupedExperts
 from moetrain.model.layers import uninitialised
-from moetrain.precision.blockwise import fake_quantize_blocks, fake_quantize_tensor, fake_quantize_tiles
-from moetrain.precision.scaled_gemm import DenseGemm, GroupedGemm, dense_unavailable, grouped_unavailable, probe
+from moetrain.precision.blockwise import FP8_BLOCK, fake_quantize_blocks, fake_quantize_tensor, fake_quantize_tiles
+from moetrain.precision.scaled_gemm import (DenseGemm, GroupedGemm, dense_unavailable, grouped_unavailable, probe,
+                                            probe_ragged_blocks)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -156,7 +157,11 @@ class NativeGemms:
         if self.dense is None:
             dense = f"dense GEMMs emulated in fp32 ({self.why_emulated['dense']})"
         else:
-            dense = f"dense GEMMs on scaled_mm ({self.dense.recipe})"
+            dense = f"dense GEMMs on scaled_mm ({self.dense.recipe}"
+            if self.dense.recipe == "blockwise" and self.dense.block_align > FP8_BLOCK:
+                dense += (f"; features in multiples of {self.dense.block_align} only: the kernel failed its probe "
+                          "with 128x128 scales padded to groups of 4 blocks")
+            dense += ")"
         if self.experts is None:
             return f"{dense}; routed experts emulated in fp32 ({self.why_emulated['experts']})"
         kernel = "scaled_grouped_mm" if self.device_type == "cuda" else "scaled_mm per expert"
@@ -183,6 +188,8 @@ def choose_gemms(recipe: str, pow2: bool, gemm: str, device: torch.device) -> Na
         if why[kind] is None:
             failed = probe(kernel, device)
             why[kind] = failed and f"the kernel failed its probe against the emulation: {failed}"
+    if why["dense"] is None:
+        kernels["dense"] = probe_ragged_blocks(kernels["dense"], device)
     if gemm == "scaled" and (why["dense"] or why["experts"]):
         kind = "dense" if why["dense"] else "experts"
         raise ConfigError("precision.fp8.gemm", f"scaled: the {kind} GEMMs cannot run on scaled kernels here: "

@@ -15,7 +15,7 @@ Scalings, per recipe:
 
 - dense ``blockwise``: activations and output gradients per 1 x 128 tile (``BlockWise1x128``), weights per
   128 x 128 block (``BlockWise128x128``, the same blocks transposed for Dgrad). CUDA, compute capability >= 9.0,
-  in and out features multiples of 512 (whole groups of four blocks).
+  in and out features multiples of 128.
 - dense ``current``: one scale per tensor (``TensorWise``). CPU; CUDA >= 8.9 with features multiples of 16.
 - experts ``rowwise``: ``F.scaled_grouped_mm`` takes ``RowWise`` scales only, so with ``blockwise`` asked for the
   routed experts quantise per token (activations, output gradients) and per output channel (the weight in Fprop;
@@ -44,10 +44,10 @@ from moetrain.precision.blockwise import (FP8_BLOCK, dequantize_blocks, dequanti
 
 # cuBLAS and CUTLASS FP8 GEMMs want 16-byte aligned rows of E4M3 (torch's scaled_mm checks K and N % 16).
 _ALIGN = 16
-# NOTE: blockwise takes whole 128-blocks, and torch 2.13 wants the 128x128 scales' K/128 rows padded to a multiple
-# of 4 where older versions want them unpadded: features in whole groups of 4 blocks satisfy both (all of
-# DeepSeek-V3's but wkv_a's 576 outputs).
-_BLOCKWISE_ALIGN = 4 * FP8_BLOCK
+# Blockwise takes whole 128-blocks; torch 2.13 reads the 128x128 scales' contraction (K/128) padded to a multiple of
+# 4. NOTE: older versions may want it unpadded: where the probe finds so, features in whole groups of four blocks
+# (which need no padding: all of DeepSeek-V3's but wkv_a's 576 outputs) are the only ones taken.
+_BLOCK_GROUP = 4
 # Real against emulated in the probe: identical E4M3 operands, so only fp32 summation order and the bf16 output
 # rounding (2^-9 relative, and Wgrad's bf16 operands) differ; a scale applied to the wrong tile, block or row errs
 # by the ratio of two scales, which the probe's data spreads over 2^18.
@@ -84,6 +84,14 @@ def grouped_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def probe_ragged_blocks(gemm: DenseGemm, device: torch.device) -> DenseGemm:
+    """``gemm`` (which passed :func:`probe`), taking features in 128-blocks not grouped by 4 only where the kernel
+    computes them right with their scales padded (3 and 5 blocks)."""
+    if gemm.recipe != "blockwise" or probe(gemm, device, (3, 5)) is None:
+        return gemm
+    return replace(gemm, block_align=_BLOCK_GROUP * FP8_BLOCK)
+
+
 def _scaling():
     return F.ScalingType  # exists where scaled_mm does
 
@@ -95,13 +103,17 @@ class DenseGemm:
     recipe: str = "blockwise"
     pow2: bool = False
     emulate: bool = False
+    block_align: int = FP8_BLOCK  # blockwise: features a multiple of this (_BLOCK_GROUP blocks where padding fails)
+
+    @property
+    def align(self) -> int:
+        return self.block_align if self.recipe == "blockwise" else _ALIGN
 
     def supports(self, in_features: int, out_features: int, device: torch.device) -> bool:
         """Whether the kernel takes a Linear of these features on ``device`` (both are K or N of some GEMM)."""
         if self.emulate or device.type != "cuda":
             return True
-        align = _BLOCKWISE_ALIGN if self.recipe == "blockwise" else _ALIGN
-        return in_features % align == 0 and out_features % align == 0
+        return in_features % self.align == 0 and out_features % self.align == 0
 
     def quantize_activation(self, x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Along the last dim, the contraction of the GEMM it enters (Fprop for x, Dgrad for dy)."""
@@ -123,7 +135,9 @@ class DenseGemm:
         if self.recipe == "blockwise":
             a_q, a_scale, pad = _pad_rows(a_q, a_scale)
             a_scale = a_scale.t().contiguous().t()  # [M, G], "outer-dim-major": stride (1, M)
-            b_scale = b_scale.contiguous().t()  # [G, N / 128], column-major
+            # [round_up(G, 4), N / 128], column-major: the kernel reads G rounded up to 4 (the padding unread)
+            G = b_scale.shape[1]
+            b_scale = F.pad(b_scale, (0, -G % _BLOCK_GROUP), value=1.0).contiguous().t()
             kinds = S.BlockWise1x128, S.BlockWise128x128
         else:
             pad, kinds = 0, (S.TensorWise, S.TensorWise)
@@ -137,7 +151,7 @@ class DenseGemm:
 
 
 def _kernel_dtype(q: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
-    # NOTE: CUDA's FP8 kernels are sure to write bf16 (the grouped and rowwise ones write nothing else); CPU's fp32 too.
+    # NOTE: on CUDA bf16, which every FP8 kernel writes (the grouped and rowwise ones nothing else); CPU's write either.
     return torch.bfloat16 if q.device.type == "cuda" else out_dtype
 
 
@@ -189,6 +203,8 @@ class GroupedGemm:
     @property
     def recipe(self) -> str:
         return "current" if self.per_tensor else "rowwise"
+
+    align = _ALIGN
 
     def supports(self, dim: int, inter_dim: int, device: torch.device) -> bool:
         return self.emulate or device.type != "cuda" or (dim % _ALIGN == 0 and inter_dim % _ALIGN == 0)
@@ -267,13 +283,13 @@ def _relative_gap(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
 
 
-def probe(gemm: DenseGemm | GroupedGemm, device: torch.device) -> str | None:
-    """Why ``gemm``'s kernel cannot stand in for its emulation on ``device`` (None if it can): one small GEMM at
-    odd row counts, forward and both gradients, against the emulated kernel on the same operands. A kernel that
-    raises or disagrees (a scale layout other than the one this torch was checked with) is caught here, before
-    training, rather than trained with."""
+def probe(gemm: DenseGemm | GroupedGemm, device: torch.device, blocks: tuple[int, int] = (4, 8)) -> str | None:
+    """Why ``gemm``'s kernel cannot stand in for its emulation on ``device`` (None if it can): one small GEMM of
+    ``blocks`` (in, out) 128-blocks at odd row counts, forward and both gradients, against the emulated kernel on
+    the same operands. A kernel that raises or disagrees (a scale layout other than the one this torch was checked
+    with) is caught here, before training, rather than trained with."""
     g = torch.Generator().manual_seed(0)
-    M, K, N = 40, 4 * FP8_BLOCK, 8 * FP8_BLOCK
+    M, K, N = 40, blocks[0] * FP8_BLOCK, blocks[1] * FP8_BLOCK
     x, dy = _probe_data(M, K, generator=g), _probe_data(M, N, generator=g)
     grouped = isinstance(gemm, GroupedGemm)
     w = _probe_data(3, N, K, generator=g) if grouped else _probe_data(N, K, generator=g)
