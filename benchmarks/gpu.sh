@@ -67,18 +67,22 @@ if [ "$smoke" = 1 ]; then
   step fp8_step 300 "$PY" benchmarks/fp8_step.py --size tiny "${shape[@]}" --steps 2 --plan "$OUT/preflight.json" \
     --json "$OUT/fp8_step.json" data.demo_bytes=200000
 else
-  # The one GPU test (TE against bf16; skipped, saying why, where the preflight found no TE) and the model tests
-  # under this machine's torch and transformers. NOTE: not test_precision's training tests: with a GPU they would
-  # train on it (train.device=auto), their 4-rank layouts on one device; CI runs them on CPU.
+  # The GPU tests (TE against bf16, skipped, saying why, where the preflight found no TE; native FP8's blockwise
+  # and grouped scaled kernels against its emulation) and the model tests under this machine's torch and
+  # transformers. NOTE: not test_precision's training tests: with a GPU they would train on it (train.device=auto),
+  # their 4-rank layouts on one device; CI runs them on CPU.
   step tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider \
     tests/test_precision.py::test_te_linear_and_experts_track_bf16 \
+    tests/test_fp8_gemm.py::test_blockwise_scaled_mm_matches_the_emulation_on_hopper \
+    tests/test_fp8_gemm.py::test_scaled_grouped_mm_matches_the_per_expert_kernels_on_hopper \
     tests/test_precision.py::test_te_recomputation_gives_the_gradients_of_no_recomputation \
     tests/test_precision.py::test_tf32_only_where_asked_for tests/test_hf_parity.py tests/test_model.py \
     tests/test_experts.py tests/test_attention.py
   step train_step 150 "$PY" benchmarks/train_step.py --model proxy_1gpu --batch 2 --seq 4096 --steps 3 --rounds 2 \
     --sync-steps 2 --json "$OUT/train_step.json"
   step attention 90 "$PY" benchmarks/attention.py --seq 4096 --batch 2 --heads 16 --json "$OUT/attention.json"
-  # NOTE: micro-batch 1: the native rows save their GEMM operands in fp32 (FP8 numerics, not FP8 memory).
+  # NOTE: micro-batch 1: the native row's emulated GEMMs (the proxy's dense MLP and wkv_a, whose features the
+  # blockwise kernel does not take; all of them if a kernel fails its start-up probe) save fp32 operands.
   step fp8_step 150 "$PY" benchmarks/fp8_step.py --size proxy_1gpu --batch 1 --seq 4096 --steps 30 \
     --plan "$OUT/preflight.json" --json "$OUT/fp8_step.json"
 fi

@@ -74,15 +74,19 @@ class ParallelConfig:
 
 FP8_PROVIDERS = ("te", "native")
 FP8_RECIPES = ("blockwise", "current", "delayed", "mxfp8")
+FP8_GEMMS = ("auto", "emulated", "scaled")
 
 
 @dataclass
 class FP8Config:
     """precision.dtype=fp8: which library quantises and which scaling recipe (see moetrain.precision)."""
 
-    provider: str = "te"  # te (Transformer Engine, Hopper+) | native (torch quantisation, GEMMs emulated in fp32)
+    provider: str = "te"  # te (Transformer Engine, Hopper+) | native (torch quantisation, torch's scaled GEMMs)
     recipe: str = "blockwise"  # blockwise (DeepSeek-V3: 1x128 / 128x128) | current | delayed | mxfp8 (te only)
     pow2_scales: bool = False  # native: round every scale up to a power of two (TE's recipes choose their own)
+    # native: auto (F.scaled_mm / F.scaled_grouped_mm where the device has the recipe's kernel, else emulated) |
+    # emulated (dequantised operands multiplied in fp32, anywhere) | scaled (the kernels, or refuse)
+    gemm: str = "auto"
     fallback: str = "none"  # none: refuse where FP8 cannot run | bf16: warn once and train in bf16
 
     def validate(self, prefix: str = "precision.fp8") -> None:
@@ -92,6 +96,10 @@ class FP8Config:
         require(self.provider == "te" or self.recipe in ("blockwise", "current"), f"{prefix}.recipe",
                  f"{self.recipe} scaling is Transformer Engine's; the native provider runs blockwise or current")
         require(self.fallback in ("none", "bf16"), f"{prefix}.fallback", f"must be none or bf16, got {self.fallback!r}")
+        require(self.gemm in FP8_GEMMS, f"{prefix}.gemm", f"must be one of {', '.join(FP8_GEMMS)}, got {self.gemm!r}")
+        require(self.provider == "native" or self.gemm == "auto", f"{prefix}.gemm",
+                f"{self.gemm} chooses the native provider's GEMMs; Transformer Engine runs its own: leave it auto or "
+                "set precision.fp8.provider=native")
 
 
 @dataclass

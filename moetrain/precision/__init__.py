@@ -2,8 +2,9 @@
 
 ``precision.dtype``: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp8``: FP8 GEMMs for the
 attention projections, dense and shared-expert MLPs, MTP projections and routed experts, with ``precision.fp8``'s
-provider (``te``: Transformer Engine; ``native``: :mod:`moetrain.precision.native`) and recipe; everything else in
-bf16 (fp32 on CPU, whose bf16 is itself emulated). Master weights, optimizer states and the router stay fp32.
+provider (``te``: Transformer Engine; ``native``: :mod:`moetrain.precision.native`, its GEMMs on torch's scaled
+kernels or emulated, ``precision.fp8.gemm``) and recipe; everything else in bf16 (fp32 on CPU, whose bf16 is itself
+emulated). Master weights, optimizer states and the router stay fp32.
 
 :meth:`Precision.convert` turns the built model (on the meta device, before parallelisation) into its FP8 form;
 the converted modules keep every parameter's name and shape, so checkpoints, HF export and initialisation do not
@@ -31,10 +32,15 @@ class Precision:
         self.cfg, self.device = cfg, device
         choice = cfg.dtype
         self.fp8 = cfg.fp8 if choice == "fp8" else None
+        self.native_gemms = None  # the native provider's kernel per kind of GEMM, decided (and probed) once here
         if self.fp8 is not None:
             reason = _fp8_unavailable(self.fp8.provider, self.fp8.recipe, device)
             if reason is not None:
                 self._refuse_or_fall_back(reason, warn)
+        if self.fp8 is not None and self.fp8.provider == "native":
+            from moetrain.precision.native import choose_gemms
+
+            self.native_gemms = choose_gemms(self.fp8.recipe, self.fp8.pow2_scales, self.fp8.gemm, device)
         if choice in ("auto", "fp8"):
             choice = "bf16" if device.type == "cuda" or (choice == "fp8" and self.fp8 is None) else "fp32"
         self.compute_dtype = torch.bfloat16 if choice == "bf16" else torch.float32
@@ -54,8 +60,12 @@ class Precision:
         tf32 = ", fp32 matmuls in TF32" if self.tf32 else ""
         if self.fp8 is None:
             return str(self.compute_dtype).removeprefix("torch.") + tf32
-        return (f"fp8 ({self.fp8.provider}, {self.fp8.recipe}; {str(self.compute_dtype).removeprefix('torch.')} "
-                f"elsewhere{tf32})")
+        gemms = ""
+        if self.native_gemms is not None:
+            real = [k for k in ("dense", "experts") if getattr(self.native_gemms, k) is not None]
+            gemms = f", {'scaled ' + ' and '.join(real) if real else 'emulated'} GEMMs"
+        return (f"fp8 ({self.fp8.provider}, {self.fp8.recipe}{gemms}; "
+                f"{str(self.compute_dtype).removeprefix('torch.')} elsewhere{tf32})")
 
     def convert(self, model: nn.Module, log: Callable[[str], None] = print) -> None:
         """The model's FP8 form, in place (before parallelisation); nothing without FP8."""
@@ -71,7 +81,14 @@ class Precision:
         else:
             from moetrain.precision.native import convert_native
 
-            convert_native(model, self.fp8.recipe, self.fp8.pow2_scales)
+            unfit = convert_native(model, self.fp8.recipe, self.fp8.pow2_scales, self.native_gemms, self.device)
+            log(f"precision: native FP8, {self.native_gemms.describe()}")
+            if unfit:
+                aligns = {k: getattr(self.native_gemms, k).align for k in ("dense", "experts")
+                          if getattr(self.native_gemms, k) is not None}
+                log(f"precision: {len(unfit)} GEMM module(s) emulated, their features not multiples of the scaled "
+                    f"kernels' ({', '.join(f'{k} {a}' for k, a in aligns.items())}): {', '.join(unfit[:4])}"
+                    f"{' ...' if len(unfit) > 4 else ''}")
 
     def checkpoint_fn(self):
         """The activation checkpoint recomputation runs through (see :func:`moetrain.model.layers.recomputed`):
@@ -100,7 +117,7 @@ class Precision:
 def _fp8_unavailable(provider: str, recipe: str, device: torch.device) -> str | None:
     """Why FP8 cannot run here (with the fix), or None."""
     if provider == "native":
-        return None  # quantisation in torch, GEMMs emulated in fp32: runs anywhere (FP8 numerics, not FP8 speed)
+        return None  # quantisation in torch; GEMMs emulated in fp32 where torch has no scaled kernel: runs anywhere
     if device.type != "cuda":
         return ("Transformer Engine FP8 needs a CUDA GPU; on CPU use precision.fp8.provider=native (emulated "
                 "GEMMs) or precision=fp32")

@@ -7,6 +7,10 @@ simply shorter; scales may be rounded up to powers of two (an exact rescaling, a
 A non-finite value makes its whole tile or block non-finite (its scale is inf or nan): the trainer's non-finite
 step check catches it.
 
+Also the coarser scalings torch's scaled GEMMs take (:mod:`moetrain.precision.scaled_gemm`): one scale per row
+(``RowWise``: per token for activations, per output channel for weights) and one per matrix (``TensorWise``, the
+``current`` recipe).
+
 Shapes: M rows, K columns; G = ceil(K / 128) tiles per row; R = ceil(M / 128) row blocks.
 """
 
@@ -76,7 +80,29 @@ def fake_quantize_blocks(w: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     return dequantize_blocks(*quantize_blocks(w, pow2)).to(w.dtype)
 
 
+def quantize_rows(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_MK in E4M3, scale_M in fp32), one scale per row of the last dim (any leading dims)."""
+    x = x_MK.float()
+    scale = _scale(x.abs().amax(dim=-1), pow2)
+    return (x / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def dequantize_rows(q_MK: torch.Tensor, scale_M: torch.Tensor) -> torch.Tensor:
+    """fp32 ``q * scale`` per row."""
+    return q_MK.float() * scale_M.unsqueeze(-1)
+
+
+def quantize_tensor(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q in E4M3, scale in fp32 of shape [..., 1, 1]), one scale per matrix (the last two dims)."""
+    x = x.float()
+    scale = _scale(x.abs().amax(dim=(-2, -1), keepdim=True), pow2)
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def dequantize_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
 def fake_quantize_tensor(x: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """``x`` through E4M3 with one scale per matrix (the last two dims; "current" scaling), in ``x``'s dtype."""
-    scale = _scale(x.float().abs().amax(dim=(-2, -1), keepdim=True), pow2)
-    return ((x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale).to(x.dtype)
+    return dequantize_tensor(*quantize_tensor(x, pow2)).to(x.dtype)
