@@ -44,17 +44,12 @@ def ref_deep(tmp_path_factory):
     return run, train_reference(run, *VAL, *DEEP)
 
 
-@pytest.fixture(scope="module")
-def ref_deep_dp2(tmp_path_factory):
-    """The same on 2 data-parallel ranks (validation covers val_batches x dp micro-batches)."""
-    run = tmp_path_factory.mktemp("ref_deep_dp2")
-    return run, _train(run, 2, "parallel.ep=2", *DEEP)
-
-
-def _check_pipeline_run(run_dir, records, reference, pp, dp=1):
+def _check_pipeline_run(run_dir, records, reference, pp, val=True):
+    """``val``: compare the validation loss too (it covers train.val_batches x dp micro-batches: the same as the
+    reference's at dp 1, or with val_batches scaled down by dp)."""
     ref_dir, want = reference
     assert "val_loss" in want[-1]  # the last step validated (MaxVio compared for every layer of every stage)
-    assert_close_records(records, want, val=dp == 1)
+    assert_close_records(records, want, val=val)
     assert_same_model(run_dir, ref_dir)
     # Every pp rank waits for its neighbours at some point and computes at others: strictly between 0 and 1.
     assert all(len(r["pipeline_bubble_per_rank"]) == pp for r in records)
@@ -100,7 +95,7 @@ def test_pp4_1f1b_matches_one_process(tmp_path, ref):
     _check_pipeline_run(tmp_path, records, ref, 4)
 
 
-def test_pp2_ep2_dp2_zero_bubble_matches_one_process(tmp_path, ref_deep, ref_deep_dp2):
+def test_pp2_ep2_dp2_zero_bubble_matches_one_process(tmp_path, ref_deep):
     """FSDP2 inside each of the 4 stages over 2 data-parallel ranks that are also the expert-parallel group; the
     V-shaped tie of the embedding with sharded gradients; validation through sharded stages.
 
@@ -110,18 +105,19 @@ def test_pp2_ep2_dp2_zero_bubble_matches_one_process(tmp_path, ref_deep, ref_dee
     summation order differs, tests/test_loss.py), so the comparison with the unchunked references still holds;
     tests/test_loss.py checks in one process that such a stage returns no logits.
     """
-    records = _train(tmp_path, 4, "parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=ZBVZeroBubble",
-                     "parallel.pp_layout=[1,1,1,1]", "train.loss_chunk_tokens=40", *DEEP)
+    # One validation micro-batch per data-parallel rank: micro-batches 0 and 1, the reference's two (trainer.validate).
+    records = train_layout(tmp_path, 4, "train.val_interval=3", "train.val_batches=1", "parallel.pp=2",
+                           "parallel.ep=2", "parallel.pp_schedule=ZBVZeroBubble", "parallel.pp_layout=[1,1,1,1]",
+                           "train.loss_chunk_tokens=40", *DEEP)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["loss_chunk_tokens"] == 40
-    _check_pipeline_run(tmp_path, records, ref_deep, 2, dp=2)
-    assert records[-1]["val_loss"] == pytest.approx(ref_deep_dp2[1][-1]["val_loss"], rel=1e-5)
+    _check_pipeline_run(tmp_path, records, ref_deep, 2)
     assert all(r["routing_ranks_per_token"] >= 1.0 for r in records)
 
 
 def test_checkpoints_reshard_between_pp2_dp2_and_one_process(tmp_path, ref):
     ref_dir, want = ref
     run = tmp_path / "pp2dp2"
-    _check_pipeline_run(run, _train(run, 4, "parallel.pp=2"), ref, 2, dp=2)
+    _check_pipeline_run(run, _train(run, 4, "parallel.pp=2"), ref, 2, val=False)
     # pp = 2 x dp = 2 -> one process, and one process -> pp = 2: step 3 continues the uninterrupted run.
     for nproc, pp, source in ((1, 1, run), (2, 2, ref_dir)):
         resumed = tmp_path / f"resumed_pp{pp}"
