@@ -2,9 +2,9 @@
 
 Each layout trains the tiny model (8 experts, group-limited routing over 4 groups) for 3 optimizer steps on the
 same global batch: losses, gradient norms, every parameter and every router bias must equal one process's
-(fp32, tests/layouts.py's bounds; the reference runs other CPU kernels). A checkpoint written at (ep=2, dp=4)
-resumes at (ep=1, dp=1) and at (ep=4, dp=4); (ep=2, dp=4) itself is checked by the resume test, and (ep=4, dp=4) by
-its resumed step (one launch for both: the step after a reshard is a whole step of that layout).
+(fp32, tests/layouts.py's bounds; the reference runs other CPU kernels). The (ep=2, dp=2) run's step-2 checkpoint
+resumes at (ep=1, dp=1) and at (ep=4, dp=4), whose resumed step is a whole step of that layout (one launch for
+both). Experts replicated over data-parallel ranks (ep=2 on 4 ranks) are tests/test_loss_trace.py's ep2_dp2 trace.
 """
 
 import shutil
@@ -16,19 +16,29 @@ import yaml
 from layouts import KEYS, assert_close_records, assert_same_model, train_layout
 
 
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory):
+    """FSDP2 with ep 2 on 2 ranks: (run dir, records); its step-2 checkpoint is the resume test's."""
+    run = tmp_path_factory.mktemp("fsdp_ep2")
+    return run, train_layout(run, 2, "parallel.ep=2", "parallel.dp_strategy=fsdp")
+
+
 @pytest.mark.parametrize("strategy,ep,dp", [("fsdp", 1, 2), ("fsdp", 2, 2), ("ddp", 1, 2), ("ddp", 2, 2)])
-def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, fp32_reference, strategy, ep, dp):
+def test_data_and_expert_parallel_layout_matches_one_process(tmp_path, request, fp32_reference, strategy, ep, dp):
     ref_dir, ref = fp32_reference
     entry = ("moetrain.train",) if strategy == "ddp" else ("moetrain", "train")  # both entry points work
     # FSDP without experts split also runs the chunked loss (train.loss_chunk_tokens): the head sits in FSDP2's root
     # unit, whose gathered weight the loss reads in forward; the reference computes the full logits.
     chunked = ["train.loss_chunk_tokens=100"] if (strategy, ep) == ("fsdp", 1) else []
-    records = train_layout(tmp_path, dp, f"parallel.ep={ep}", f"parallel.dp_strategy={strategy}", *chunked,
-                           entry=entry)
+    if (strategy, ep) == ("fsdp", 2):
+        run_dir, records = request.getfixturevalue("ep2_run")
+    else:
+        run_dir, records = tmp_path, train_layout(tmp_path, dp, f"parallel.ep={ep}",
+                                                  f"parallel.dp_strategy={strategy}", *chunked, entry=entry)
     if chunked:
-        assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["loss_chunk_tokens"] == 100
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["loss_chunk_tokens"] == 100
     assert_close_records(records, ref)
-    assert_same_model(tmp_path, ref_dir)
+    assert_same_model(run_dir, ref_dir)
     if ep > 1:
         _assert_node_limited(records, ep)
 
@@ -48,14 +58,9 @@ def test_capacity_factor_drops_and_reports_copies(tmp_path):
     assert all(k in records[0] for k in KEYS)
 
 
-def test_ep2_dp4_checkpoint_resumes_at_other_layouts(tmp_path, fp32_reference):
+def test_ep2_checkpoint_resumes_at_other_layouts(tmp_path, fp32_reference, ep2_run):
     ref_dir, ref = fp32_reference
-    run = tmp_path / "ep2dp4"
-    records = train_layout(run, 4, "parallel.ep=2")
-    assert_close_records(records, ref)
-    assert_same_model(run, ref_dir)
-    _assert_node_limited(records, 2)
-    step2 = run / "checkpoints" / "step_00000002"
+    step2 = ep2_run[0] / "checkpoints" / "step_00000002"
     for nproc, ep in ((1, 1), (4, 4)):
         resumed = tmp_path / f"resumed_ep{ep}"
         records = train_layout(resumed, nproc, f"parallel.ep={ep}", f"checkpoint.resume={step2}")
