@@ -228,9 +228,10 @@ class GroupedGemm:
             y = F.scaled_grouped_mm(a_q, b_KN, a_scale, S.RowWise, b_scale, S.RowWise, offs=offs,
                                     output_dtype=torch.bfloat16)
             return y.to(out_dtype)
+        rows = counts_E.tolist()  # one host read for both splits
         outs = [F.scaled_mm(a, b_KN[e], s.unsqueeze(-1), S.RowWise, b_scale[e].unsqueeze(0), S.RowWise,
                             output_dtype=out_dtype)
-                for e, (a, s) in enumerate(zip(a_q.split(counts_E.tolist()), a_scale.split(counts_E.tolist())))]
+                for e, (a, s) in enumerate(zip(a_q.split(rows), a_scale.split(rows)))]
         return torch.cat(outs) if outs else a_q.new_empty(0, b_q.shape[1], dtype=out_dtype)
 
     # NOTE: run eagerly inside compiled blocks (train.compile): scaled_grouped_mm has no fake kernel (torch 2.13)
